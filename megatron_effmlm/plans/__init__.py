@@ -1,0 +1,2 @@
+"""Method policies. Importing this package registers every built-in method."""
+from megatron_effmlm.plans.base import POLICIES, Policy, get_policy, register  # noqa: F401

@@ -1,0 +1,220 @@
+"""Command-line flags (Megatron-LM's names) -> the run's configuration dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "linear"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+
+
+@dataclass
+class DataConfig:
+    data_path: List[str] = field(default_factory=list)
+    split: str = "949,50,1"
+    tokenizer_dir: str = ""
+    mask_prob: float = 0.15
+    no_mask_80_10_10: bool = False
+    whole_word_masking: bool = False
+    data_cache_path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    method: str = "vanilla"
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    train_iters: int = 100
+    log_interval: int = 10
+    eval_interval: int = 0
+    eval_iters: int = 10
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0
+    tensorboard_dir: Optional[str] = None
+    seed: int = 1234
+    exit_interval: int = 0
+    loss_curve: Optional[str] = None  # PNG written at the end (and at each save)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    optim: OptimConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pre-train a masked language model (BERT/RoBERTa) with megatron-core.",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="model vocabulary (default: the tokenizer's); must be >= the tokenizer's")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--position-embedding-type", default="learned_absolute", choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
+    g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
+
+    g = p.add_argument_group("parallelism and precision")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.98)
+    g.add_argument("--adam-eps", type=float, default=1e-6)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], help="prefix, or weight prefix weight prefix ...")
+    g.add_argument("--split", default="949,50,1")
+    g.add_argument("--tokenizer-dir", required=False, default="", help="directory written by tools/train_tokenizer.py")
+    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--no-mask-80-10-10", action="store_true", help="replace every masked token by [MASK]")
+    g.add_argument("--whole-word-masking", action="store_true")
+    g.add_argument("--data-cache-path", default=None)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--method", default="vanilla")
+    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=0, help="stop (after saving) at an iteration multiple of this")
+    g.add_argument("--loss-curve", default=None, help="write the loss curve as a PNG here")
+    return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    a = build_parser().parse_args(argv)
+    return config_from_args(a)
+
+
+def config_from_args(a) -> RunConfig:
+    if a.bf16 and a.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive")
+    if not a.data_path:
+        raise ConfigError("--data-path is required")
+    if not a.tokenizer_dir:
+        raise ConfigError("--tokenizer-dir is required")
+    model = ModelConfig(
+        num_layers=a.num_layers,
+        hidden_size=a.hidden_size,
+        num_attention_heads=a.num_attention_heads,
+        ffn_hidden_size=a.ffn_hidden_size,
+        seq_length=a.seq_length,
+        max_position_embeddings=a.max_position_embeddings,
+        vocab_size=a.vocab_size or 0,
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        position_embedding_type=a.position_embedding_type,
+        rotary_percent=a.rotary_percent,
+        hidden_dropout=a.hidden_dropout,
+        attention_dropout=a.attention_dropout,
+        init_method_std=a.init_method_std,
+        layernorm_epsilon=a.layernorm_epsilon,
+        bert_binary_head=a.bert_binary_head,
+        transformer_impl=a.transformer_impl,
+    )
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tensor_model_parallel_size,
+        pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+        sequence_parallel=a.sequence_parallel,
+        use_distributed_optimizer=a.use_distributed_optimizer,
+    )
+    optim = OptimConfig(
+        lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,
+        lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
+        adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+    )
+    data = DataConfig(
+        data_path=list(a.data_path), split=a.split, tokenizer_dir=a.tokenizer_dir, mask_prob=a.mask_prob,
+        no_mask_80_10_10=a.no_mask_80_10_10, whole_word_masking=a.whole_word_masking,
+        data_cache_path=a.data_cache_path,
+    )
+    train = TrainConfig(
+        method=a.method, micro_batch_size=a.micro_batch_size,
+        global_batch_size=a.global_batch_size or a.micro_batch_size, train_iters=a.train_iters,
+        log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
+        load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
+        exit_interval=a.exit_interval, loss_curve=a.loss_curve,
+    )
+    return RunConfig(model, par, PrecisionConfig(bf16=a.bf16, fp16=a.fp16), optim, data, train)
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> int:
+    """Validate batch sizes against the parallel layout; return the data-parallel size."""
+    par, t = cfg.parallel, cfg.train
+    mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if world_size % mp:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"{par.tensor_model_parallel_size} x --pipeline-model-parallel-size {par.pipeline_model_parallel_size}"
+        )
+    dp = world_size // mp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if par.sequence_parallel and cfg.model.seq_length % par.tensor_model_parallel_size:
+        raise ConfigError(
+            f"--seq-length {cfg.model.seq_length} is not divisible by --tensor-model-parallel-size "
+            f"{par.tensor_model_parallel_size} (needed by --sequence-parallel)"
+        )
+    if cfg.model.num_layers % par.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"--num-layers {cfg.model.num_layers} is not divisible by --pipeline-model-parallel-size "
+            f"{par.pipeline_model_parallel_size}"
+        )
+    return dp

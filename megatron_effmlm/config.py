@@ -1,0 +1,125 @@
+"""Configuration dataclasses, built once from the command line and passed down explicitly.
+
+Names follow Megatron-LM's flags (`--num-layers` -> `num_layers`), so a Megatron user can
+read a config without a glossary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A flag or value that cannot work; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None  # 4 * hidden_size when None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None  # seq_length when None
+    vocab_size: int = 0  # the tokenizer's; padded_vocab_size is what the model allocates
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_percent: float = 1.0
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+    bert_binary_head: bool = False
+    transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"--hidden-size {self.hidden_size} is not divisible by "
+                f"--num-attention-heads {self.num_attention_heads}"
+            )
+        if self.seq_length > self.max_position_embeddings:
+            raise ConfigError(
+                f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
+                f"{self.max_position_embeddings} (the position table)"
+            )
+        if self.position_embedding_type not in ("learned_absolute", "rope"):
+            raise ConfigError(
+                f"--position-embedding-type {self.position_embedding_type!r}: "
+                "choose learned_absolute or rope"
+            )
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocab padded so every TP shard is a multiple of make_vocab_size_divisible_by."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp16: bool = False
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: PrecisionConfig):
+    """megatron-core's TransformerConfig for this run.
+
+    CPU-friendly switches are megatron-core's own: CPU initialisation when there is no GPU,
+    no gradient-accumulation fusion and no fused kernels unless CUDA is there.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        layernorm_epsilon=model.layernorm_epsilon,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        bf16=prec.bf16,
+        fp16=prec.fp16,
+        params_dtype=prec.params_dtype,
+        pipeline_dtype=prec.params_dtype,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        # The MLM loss is a mean over predicted tokens of the whole global batch.
+        calculate_per_token_loss=True,
+        # 3ML and token dropping change the number of live tokens between pipeline stages.
+        variable_seq_lengths=par.pipeline_model_parallel_size > 1,
+        moe_token_dispatcher_type="alltoall",  # "allgather" refuses variable_seq_lengths
+    )
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)

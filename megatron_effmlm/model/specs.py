@@ -1,0 +1,74 @@
+"""Layer-spec selection: Transformer Engine where TE and a GPU exist, megatron-core's local
+modules elsewhere. The choice and its reason are logged once."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+logger = logging.getLogger(__name__)
+
+
+def te_available() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False, "transformer_engine is not installed"
+    return True, "Transformer Engine and a CUDA device are present"
+
+
+class TorchLayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm for the local spec, usable with sequence parallelism.
+
+    megatron-core's `WrappedTorchNorm` refuses `sequence_parallel` without Apex or TE. Under
+    sequence parallelism each TP rank normalises its own sequence shard with replicated
+    weights, so their gradients are partial sums: tagging the parameters
+    `sequence_parallel` makes megatron-core's `finalize_model_grads` all-reduce them over TP.
+    """
+
+    def __init__(self, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                 zero_centered_gamma=False, normalization="LayerNorm"):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+
+def _local_block_spec(num_layers: int):
+    """megatron-core's local BERT layer spec with `TorchLayerNorm` where Apex is absent."""
+    from megatron.core.models.bert import bert_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer = bert_layer_specs.bert_layer_local_spec
+    norm = bert_layer_specs.LNImpl
+    if not bert_layer_specs.HAVE_APEX:
+        norm = TorchLayerNorm
+        layer = ModuleSpec(
+            module=layer.module,
+            params=layer.params,
+            submodules=dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm),
+        )
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
+
+
+def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
+    """Return (block spec, impl_name, reason) for `num_layers` layers on this stage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Apex is not installed": expected on CPU
+        from megatron.core.models.bert import bert_layer_specs
+
+    ok, why = te_available()
+    if transformer_impl == "auto":
+        transformer_impl = "transformer_engine" if ok else "local"
+    if transformer_impl == "transformer_engine":
+        if not ok:
+            raise ValueError(f"--transformer-impl transformer_engine: {why}")
+        return bert_layer_specs.get_bert_layer_with_transformer_engine_spec(), "transformer_engine", why
+    if transformer_impl != "local":
+        raise ValueError(f"--transformer-impl {transformer_impl!r}: choose local, transformer_engine or auto")
+    return _local_block_spec(num_layers), "local", why if not ok else "requested"

@@ -1,0 +1,79 @@
+"""Process-group and RNG set-up for any layout (torchrun or a single process)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_effmlm.compat import cpu as cpu_compat
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size=None,
+    seed: int = 1234,
+    timeout_minutes: float = 10.0,
+):
+    """Start torch.distributed (nccl on GPU, gloo on CPU), megatron-core's parallel state
+    and the RNG states. Works under torchrun and in a plain single process."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.activate()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % mp:
+        raise ValueError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size "
+            f"{tensor_model_parallel_size} x --pipeline-model-parallel-size {pipeline_model_parallel_size}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int):
+    """Seed python, numpy and torch (different per pipeline stage, as Megatron-LM does) and
+    megatron-core's model-parallel RNG states."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy():
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,80 @@
+"""Method policies: what a pre-training method decides, and nothing else.
+
+A policy turns a batch into model inputs (the token plan) and the model's output into a
+loss; the one training loop calls it and never branches on the method. A new method is a
+new file with a `Policy` subclass registered under its `--method` name.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch
+
+from megatron_effmlm.model.mlm_model import MLMOutput
+
+POLICIES: Dict[str, Type["Policy"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_policy(name: str, **kwargs) -> "Policy":
+    if name not in POLICIES:
+        raise ValueError(f"--method {name!r} is not known; choose one of {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)
+
+
+class Policy:
+    name = "base"
+
+    def __init__(self, **kwargs):
+        self.options = kwargs
+
+    def model_inputs(self, batch: dict, step: int) -> dict:
+        """Keyword arguments of the model's forward for this micro-batch."""
+        seq_len = batch["text"].shape[1]
+        positions = torch.arange(seq_len, device=batch["text"].device).expand_as(batch["text"])
+        return dict(
+            input_ids=batch["text"],
+            position_ids=positions,
+            padding_mask=batch["padding_mask"],
+            loss_mask=batch["loss_mask"],
+            labels=batch["labels"],
+            tokentype_ids=batch.get("types") if self.options.get("binary_head") else None,
+            is_random=batch.get("is_random") if self.options.get("binary_head") else None,
+        )
+
+    def loss(self, out: MLMOutput):
+        """(loss summed over predicted tokens, number of predicted tokens, report)."""
+        num_tokens = torch.tensor(out.lm_losses.numel(), dtype=torch.int)
+        lm_sum = out.lm_losses.sum()
+        total = lm_sum
+        report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens.float()])}
+        if out.binary_loss is not None:
+            # The step's gradient is divided by the predicted-token count: weight the
+            # sentence-order mean so it enters like Megatron-LM's lm_loss + sop_loss.
+            sop_mean = out.binary_loss.mean()
+            total = total + sop_mean * num_tokens
+            report["sop loss"] = torch.stack([sop_mean.detach() * num_tokens, num_tokens.float()])
+        return total, num_tokens, report
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register("vanilla")
+class VanillaPolicy(Policy):
+    """BERT/RoBERTa MLM: every position live at every layer; the head reads masked positions."""

@@ -1,0 +1,258 @@
+"""The one training loop, for every method and every parallel layout.
+
+It knows nothing of any method: the policy turns batches into model inputs and model
+outputs into losses. Forward/backward over micro-batches and pipeline stages is
+megatron-core's schedule; gradients go through megatron-core's DDP, the update through
+its optimizer and LR scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_effmlm.arguments import RunConfig, check_layout
+from megatron_effmlm.checkpoint import dist_ckpt
+from megatron_effmlm.config import ConfigError, build_transformer_config
+from megatron_effmlm.model.builder import build_model
+from megatron_effmlm.parallel.init import initialize_distributed
+from megatron_effmlm.plans import get_policy
+from megatron_effmlm.training.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+def is_logging_rank() -> bool:
+    return dist.get_rank() == 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, tokenizer=None, datasets=None):
+        self.cfg = cfg
+        par, t = cfg.parallel, cfg.train
+        initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, None, t.seed)
+        self.dp_size = check_layout(cfg, dist.get_world_size())
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+        if tokenizer is None:
+            from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+            tokenizer = EffMLMTokenizer.from_dir(cfg.data.tokenizer_dir)
+        self.tokenizer = tokenizer
+        if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"--vocab-size {cfg.model.vocab_size} is smaller than the vocabulary of the tokenizer "
+                f"in {cfg.data.tokenizer_dir or tokenizer.path} ({tokenizer.vocab_size} tokens)"
+            )
+        cfg.model.vocab_size = max(cfg.model.vocab_size, tokenizer.vocab_size)
+
+        self.tconfig = build_transformer_config(cfg.model, par, cfg.precision)
+        self.model = build_model(cfg.model, par, self.tconfig)
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.precision.bf16,
+                fp16=cfg.precision.fp16,
+                params_dtype=cfg.precision.params_dtype,
+                use_distributed_optimizer=par.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        decay_iters = o.lr_decay_iters or t.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.lr_warmup_iters else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_iters * t.global_batch_size,
+            lr_decay_steps=decay_iters * t.global_batch_size,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=decay_iters * t.global_batch_size,
+            wd_incr_style="constant",
+        )
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.tconfig.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
+
+        self.policy = get_policy(t.method, binary_head=cfg.model.bert_binary_head, tokenizer=tokenizer)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_iters = 0
+        if t.load:
+            extra = dist_ckpt.load_checkpoint(
+                t.load, self.model, self.optimizer, self.scheduler,
+                {"consumed_samples": 0, "policy": self.policy.state_dict()},
+            )
+            if extra is not None:
+                self.iteration = int(extra["iteration"])
+                self.consumed_samples = int(extra["consumed_samples"])
+                self.policy.load_state_dict(extra.get("policy", {}))
+        self.datasets = datasets if datasets is not None else self._build_datasets()
+
+    # ----- data -----
+    def _build_datasets(self):
+        from megatron_effmlm.data.dataset import build_train_valid_test_datasets
+
+        t, d = self.cfg.train, self.cfg.data
+        eval_runs = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        return build_train_valid_test_datasets(
+            data_path=d.data_path,
+            split=d.split,
+            seq_length=self.cfg.model.seq_length,
+            seed=t.seed,
+            num_samples=(t.train_iters * t.global_batch_size, max(eval_runs, 1) * t.eval_iters * t.global_batch_size, 0),
+            tokenizer=self.tokenizer,
+            masking_probability=d.mask_prob,
+            mask_80_10_10=not d.no_mask_80_10_10,
+            whole_word_masking=d.whole_word_masking,
+            binary_head=self.cfg.model.bert_binary_head,
+            cache_dir=d.data_cache_path,
+        )
+
+    def data_iterator(self, dataset, consumed_samples: int):
+        from megatron_effmlm.data.batches import make_data_iterator
+
+        it = make_data_iterator(
+            dataset, consumed_samples, self.cfg.train.micro_batch_size,
+            ps.get_data_parallel_rank(), self.dp_size,
+        )
+        return [it] * len(self.model) if len(self.model) > 1 else it
+
+    # ----- one step -----
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        self._batch_tokens += int(batch["padding_mask"].sum())
+        out = model(**self.policy.model_inputs(batch, self.iteration))
+        return out, self.policy.loss
+
+    def _run_schedule(self, data_iterator, forward_only: bool, num_microbatches: int):
+        fwd_bwd = get_forward_backward_func()
+        return fwd_bwd(
+            forward_step_func=self._forward_step,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_report(self, reports, key="lm loss") -> float:
+        """Global mean of a per-token loss: sum over micro-batches and data-parallel ranks
+        on the last stage, then shared with every rank of the pipeline."""
+        total = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for r in reports:
+                if key in r:
+                    total += r[key].double()
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self, data_iterator) -> dict:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._batch_tokens = 0
+        reports = self._run_schedule(data_iterator, forward_only=False, num_microbatches=self.num_microbatches)
+        ok, grad_norm, _ = self.optimizer.step()
+        gbs = self.cfg.train.global_batch_size
+        if ok:
+            self.scheduler.step(increment=gbs)
+        else:
+            self.skipped_iters += 1
+        self.iteration += 1
+        self.consumed_samples += gbs
+        self.policy.after_step(self.iteration)
+        loss = self._reduce_report(reports)
+        tokens = torch.tensor([self._batch_tokens], dtype=torch.float64)
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        return {
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": tokens.item(),
+            "skipped": not ok,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, dataset, eval_iters: int) -> float:
+        for m in self.model:
+            m.eval()
+        it = self.data_iterator(dataset, 0)
+        self._batch_tokens = 0
+        reports = []
+        for _ in range(eval_iters):
+            reports += self._run_schedule(it, forward_only=True, num_microbatches=self.num_microbatches)
+        for m in self.model:
+            m.train()
+        return self._reduce_report(reports)
+
+    # ----- the loop -----
+    def save(self):
+        t = self.cfg.train
+        path = dist_ckpt.save_checkpoint(
+            t.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            {"consumed_samples": self.consumed_samples, "policy": self.policy.state_dict()},
+        )
+        if is_logging_rank():
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+    def train(self) -> Progress:
+        t = self.cfg.train
+        train_ds, valid_ds, _ = self.datasets
+        progress = Progress(t.train_iters, self.iteration, t.tensorboard_dir, enabled=is_logging_rank())
+        it = self.data_iterator(train_ds, self.consumed_samples)
+        for m in self.model:
+            m.train()
+        window_t, window_tokens = time.time(), 0.0
+        while self.iteration < t.train_iters:
+            stats = self.train_step(it)
+            window_tokens += stats["tokens"]
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                dt = time.time() - window_t
+                stats["tokens_per_s"] = window_tokens / max(dt, 1e-9)
+                stats["skipped"] = self.skipped_iters
+                progress.log_train(self.iteration, stats)
+                window_t, window_tokens = time.time(), 0.0
+            else:
+                progress.history["train"].append((self.iteration, stats["loss"]))
+            if t.eval_interval and valid_ds is not None and self.iteration % t.eval_interval == 0:
+                progress.log_valid(self.iteration, self.evaluate(valid_ds, t.eval_iters))
+            if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+                self.save()
+                progress.write_curve(t.loss_curve)
+            if t.exit_interval and self.iteration % t.exit_interval == 0:
+                break
+        if t.save and (not t.save_interval or self.iteration % t.save_interval):
+            self.save()
+        progress.write_curve(t.loss_curve)
+        progress.close()
+        return progress
