@@ -1,0 +1,83 @@
+"""Shared fixtures: the real demo corpus and what is built from it, cached across runs.
+
+Artifacts live under <repo>/data/test_cache (git-ignored) and are reused when present:
+delete that directory to rebuild them. Each is built in a temporary place and renamed, so an
+interrupted run never leaves a half-built artifact behind.
+"""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+TEST_CACHE = os.path.join(REPO_ROOT, "data", "test_cache")
+DEMO_TOKENIZER_VOCAB = 4096
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def test_cache_dir() -> str:
+    os.makedirs(TEST_CACHE, exist_ok=True)
+    return TEST_CACHE
+
+
+@pytest.fixture(scope="session")
+def demo_jsonl(test_cache_dir) -> str:
+    """The demo Wikipedia corpus as JSONL (106 articles)."""
+    from megatron_effmlm.data.demo_corpus import get_demo_corpus
+
+    return get_demo_corpus(test_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(test_cache_dir, demo_jsonl) -> str:
+    """A lowercased BERT-style WordPiece tokenizer, vocab 4096, trained on the demo corpus."""
+    from megatron_effmlm.data.jsonl import iter_jsonl
+    from megatron_effmlm.data.tokenizer import META_FILE, train_tokenizer
+
+    path = os.path.join(test_cache_dir, f"tokenizer_wordpiece_{DEMO_TOKENIZER_VOCAB}")
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        texts = (values[0] for _, _, values in iter_jsonl([demo_jsonl], ["text"]))
+        train_tokenizer(texts, "wordpiece", DEMO_TOKENIZER_VOCAB, tmp, lowercase=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_tokenizer_dir):
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    return EffMLMTokenizer.from_dir(demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_punkt_params(test_cache_dir, demo_jsonl) -> str:
+    """Punkt parameters trained on the demo corpus (nltk's pretrained data is not installed)."""
+    from megatron_effmlm.data.preprocess import train_punkt
+
+    return train_punkt([demo_jsonl], ["text"], os.path.join(test_cache_dir, "demo_punkt.json"))
+
+
+@pytest.fixture(scope="session")
+def demo_data_prefix(test_cache_dir, demo_jsonl, demo_tokenizer_dir, demo_punkt_params) -> str:
+    """The demo corpus preprocessed with --split-sentences: prefix of the .bin/.idx pair."""
+    from megatron_effmlm.data.preprocess import output_prefix_for, preprocess
+
+    base = os.path.join(test_cache_dir, "demo_wp")
+    prefix = output_prefix_for(base, "text", split_sentences=True)
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+        preprocess(demo_jsonl, base, demo_tokenizer_dir, split_sentences=True, workers=2,
+                   log_interval=0, punkt_cache=demo_punkt_params)  # writes atomically
+    return prefix
