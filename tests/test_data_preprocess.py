@@ -3,7 +3,6 @@
 import json
 
 import numpy
-import pytest
 
 from megatron_effmlm.data.errors import run_cli
 from megatron_effmlm.data.preprocess import SentenceSplitter

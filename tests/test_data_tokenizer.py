@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy
 import pytest
 
 from megatron_effmlm.data.errors import DataError, run_cli

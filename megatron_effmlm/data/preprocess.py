@@ -11,7 +11,6 @@ as JSON next to the output.
 """
 
 import json
-import logging
 import multiprocessing
 import os
 import sys
@@ -23,8 +22,6 @@ import numpy
 
 from megatron_effmlm.data.errors import DataError
 from megatron_effmlm.data.jsonl import check_input_files, parse_json_line
-
-logger = logging.getLogger(__name__)
 
 PUNKT_FORMAT_VERSION = 1
 

@@ -141,7 +141,7 @@ def _sentencepiece_merges(vocab: Dict[str, int], skip: set) -> List[tuple]:
 def sentencepiece_to_hf(spm_path: str, specials: "OrderedDict[str, str]"):
     """Convert a sentencepiece model to an equivalent HF ``tokenizers.Tokenizer``."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(spm_path, "rb") as f:

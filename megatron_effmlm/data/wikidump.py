@@ -7,7 +7,6 @@ comments and reference-like tail sections are dropped; link and formatting text 
 
 import bz2
 import json
-import logging
 import os
 import re
 import sys
@@ -20,8 +19,6 @@ import mwxml
 from mwparserfromhell import nodes
 
 from megatron_effmlm.data.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 # Tags whose content is not running prose.
 _DROP_TAGS = {
