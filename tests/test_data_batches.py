@@ -14,7 +14,7 @@ T = 64
 @pytest.fixture(scope="module")
 def train(demo_data_prefix, demo_tokenizer, tmp_path_factory):
     ds, _, _ = build_train_valid_test_datasets(
-        [demo_data_prefix], demo_tokenizer, T, split="98,2,0", train_samples=96, valid_samples=8,
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", train_samples=96, valid_samples=8,
         test_samples=0, cache_dir=str(tmp_path_factory.mktemp("cache")))
     return ds
 

@@ -22,7 +22,7 @@ KEYS = {"text", "types", "labels", "is_random", "padding_mask", "loss_mask", "tr
 @pytest.fixture(scope="module")
 def one_epoch(demo_data_prefix, demo_tokenizer, tmp_path_factory):
     train, valid, test = build_train_valid_test_datasets(
-        [demo_data_prefix], demo_tokenizer, T, split="98,2,0", seed=1234,
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", seed=1234,
         cache_dir=str(tmp_path_factory.mktemp("cache")))
     return train, valid, test
 
@@ -79,12 +79,13 @@ def test_samples_format_and_determinism(one_epoch, demo_data_prefix, demo_tokeni
         assert all(numpy.array_equal(first[i][k], again[k]) for k in KEYS)
     # A fresh build with the same seed (from the cache) gives the same samples, in any order.
     rebuilt, _, _ = build_train_valid_test_datasets(
-        [demo_data_prefix], demo_tokenizer, T, split="98,2,0", seed=1234, cache_dir=train.config.path_to_cache)
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", seed=1234,
+        cache_dir=train.config.path_to_cache)
     assert numpy.array_equal(rebuilt.shuffle_index, train.shuffle_index)
     for i in reversed(order):
         assert all(numpy.array_equal(rebuilt[i][k], first[i][k]) for k in KEYS)
     other, _, _ = build_train_valid_test_datasets(
-        [demo_data_prefix], demo_tokenizer, T, split="98,2,0", seed=99, cache_dir=str(tmp_path))
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", seed=99, cache_dir=str(tmp_path))
     assert not numpy.array_equal(other.shuffle_index, train.shuffle_index)
     assert not all(numpy.array_equal(other[i]["text"], first[i]["text"]) for i in (0, 3, 7))
     # The masks depend on the seed, not only the order: same sample, other seed, other masks.
@@ -97,7 +98,7 @@ def test_samples_format_and_determinism(one_epoch, demo_data_prefix, demo_tokeni
 def test_num_samples_spans_epochs(demo_data_prefix, demo_tokenizer, tmp_path):
     n = 16000
     train, valid, test = build_train_valid_test_datasets(
-        [demo_data_prefix], demo_tokenizer, T, split="98,2,0", train_samples=n, valid_samples=7,
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", train_samples=n, valid_samples=7,
         test_samples=0, cache_dir=str(tmp_path))
     per = train.samples_per_epoch
     assert len(train) == n and 2 * per < n < 3 * per and len(valid) == 7
@@ -154,7 +155,7 @@ def test_blend_proportions(demo_data_prefix, demo_tokenizer, tmp_path):
         shutil.copy(demo_data_prefix + ext, other + ext)
     n = 3000
     train, valid, _ = build_train_valid_test_datasets(
-        ["0.7", demo_data_prefix, "0.3", other], demo_tokenizer, T, split="98,2,0", train_samples=n,
+        ["0.7", demo_data_prefix, "0.3", other], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", train_samples=n,
         valid_samples=100, test_samples=0, cache_dir=str(tmp_path / "cache"))
     ids = numpy.array([train[i]["dataset_id"] for i in range(n)])
     assert len(train) == n
@@ -168,7 +169,7 @@ def test_blend_proportions(demo_data_prefix, demo_tokenizer, tmp_path):
 def test_binary_head_uses_megatron_bert_dataset(demo_data_prefix, demo_tokenizer, tmp_path):
     tok = demo_tokenizer
     train, _, _ = build_train_valid_test_datasets(
-        [demo_data_prefix], tok, T, split="98,2,0", train_samples=300, valid_samples=10, test_samples=0,
+        [demo_data_prefix], tokenizer=tok, seq_length=T, split="98,2,0", train_samples=300, valid_samples=10, test_samples=0,
         binary_head=True, cache_dir=str(tmp_path))
     assert isinstance(train, BERTSentenceOrderDataset) and len(train) >= 300
     flags = []
@@ -190,7 +191,7 @@ def test_builds_inside_torch_distributed(demo_data_prefix, demo_tokenizer, tmp_p
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         train, _, _ = build_train_valid_test_datasets(
-            ["1", demo_data_prefix], demo_tokenizer, T, split="98,2,0", train_samples=50, valid_samples=5,
+            ["1", demo_data_prefix], tokenizer=demo_tokenizer, seq_length=T, split="98,2,0", train_samples=50, valid_samples=5,
             test_samples=0, cache_dir=str(tmp_path / "cache"), binary_head=False)
         assert len(train) == 50 and torch.distributed.is_initialized()
         _check_sample(train[0], demo_tokenizer)
@@ -203,7 +204,7 @@ def test_bad_inputs(demo_data_prefix, demo_tokenizer, tmp_path):
     def build(path, **kw):
         args = dict(split="98,2,0", train_samples=10, valid_samples=2, test_samples=0, cache_dir=str(tmp_path))
         args.update(kw)
-        return build_train_valid_test_datasets(path, demo_tokenizer, T, **args)
+        return build_train_valid_test_datasets(path, tokenizer=demo_tokenizer, seq_length=T, **args)
 
     missing = str(tmp_path / "nope_text_sentence")
     with pytest.raises(DataError) as err:
@@ -258,7 +259,7 @@ from megatron_effmlm.data.tokenizer import EffMLMTokenizer
 rank, store, prefix, tok_dir, cache, out = int(sys.argv[2]), *sys.argv[3:]
 torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
 train, valid, _ = build_train_valid_test_datasets(
-    ["0.6", prefix, "0.4", prefix], EffMLMTokenizer.from_dir(tok_dir), 128, split="98,2,0",
+    ["0.6", prefix, "0.4", prefix], tokenizer=EffMLMTokenizer.from_dir(tok_dir), seq_length=128, split="98,2,0",
     train_samples=200, valid_samples=20, test_samples=0, cache_dir=cache)
 torch.distributed.destroy_process_group()
 json.dump({"len": len(train), "text": [train[i]["text"].tolist() for i in (0, 99, 199)]}, open(out, "w"))

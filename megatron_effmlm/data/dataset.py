@@ -283,7 +283,8 @@ def build_packed_sample_index(
     # Pieces: sentences, long ones cut into capacity-sized chunks.
     n_chunks = -(-lens // capacity)
     piece_seq = numpy.repeat(seq_ids, n_chunks)
-    chunk = numpy.arange(piece_seq.size, dtype=numpy.int64) - numpy.repeat(numpy.cumsum(n_chunks) - n_chunks, n_chunks)
+    chunk_start = numpy.repeat(numpy.cumsum(n_chunks) - n_chunks, n_chunks)
+    chunk = numpy.arange(piece_seq.size, dtype=numpy.int64) - chunk_start
     piece_off = chunk * capacity
     piece_len = numpy.minimum(capacity, numpy.repeat(lens, n_chunks) - piece_off)
     piece_sep = numpy.repeat(doc_start, n_chunks) & (chunk == 0)
@@ -352,7 +353,8 @@ class PackedMLMDataset(MegatronDataset):
 
     def _build_indices(self) -> Tuple[numpy.ndarray, numpy.ndarray]:
         cache = self._cache_dir()
-        name = lambda suffix: os.path.join(cache, f"{self.unique_description_hash}-{type(self).__name__}-{suffix}")
+        stem = f"{self.unique_description_hash}-{type(self).__name__}"
+        name = lambda suffix: os.path.join(cache, f"{stem}-{suffix}")
         paths = {k: name(f"{k}.npy") for k in ("sample_index", "shuffle_index")}
         description = name("description.txt")
         if all(os.path.isfile(p) for p in paths.values()):
@@ -399,7 +401,8 @@ class PackedMLMDataset(MegatronDataset):
         seqs[0] = seqs[0][off:]
         # Separators before each document that starts inside the sample (one per position).
         docs = self.dataset.document_indices
-        bounds = docs[numpy.searchsorted(docs, first, side="right"):numpy.searchsorted(docs, last, side="right")]
+        lo, hi = numpy.searchsorted(docs, [first, last], side="right")
+        bounds = docs[lo:hi]  # document starts s with first < s <= last
         lengths = numpy.fromiter((s.size for s in seqs), dtype=numpy.int64, count=len(seqs))
         sep_at = numpy.unique(numpy.concatenate([[0], numpy.cumsum(lengths)])[bounds - first])
         body = numpy.concatenate(seqs).astype(numpy.int64)
@@ -519,12 +522,17 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
     for w in weights:
         value = number(w)
         if value is None:
-            raise DataError(f"--data-path: blend weight '{w}' is not a number (entries must be 'weight prefix' pairs)")
+            raise DataError(
+                f"--data-path: blend weight '{w}' is not a number (entries must be 'weight prefix' pairs)"
+            )
         if not math.isfinite(value) or value <= 0:
             raise DataError(f"--data-path: blend weight '{w}' must be a positive number")
     for p in prefixes:
         if number(p) is not None:
-            raise DataError(f"--data-path: '{p}' is where a dataset prefix should be (entries must be 'weight prefix' pairs)")
+            raise DataError(
+                f"--data-path: '{p}' is where a dataset prefix should be "
+                f"(entries must be 'weight prefix' pairs)"
+            )
     return prefixes, [float(w) for w in weights]
 
 
@@ -548,13 +556,16 @@ def check_split(split: str) -> None:
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise DataError(f"--split {split!r}: expected up to three comma-separated numbers, e.g. 949,50,1") from None
+        raise DataError(
+            f"--split {split!r}: expected up to three comma-separated numbers, e.g. 949,50,1"
+        ) from None
     if len(values) > 3 or any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
         raise DataError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
 
 
 def build_train_valid_test_datasets(
     data_path: Sequence[str],
+    *,
     tokenizer,
     seq_length: int,
     split: str = "949,50,1",

@@ -75,7 +75,9 @@ def get_demo_corpus(data_dir: str = "data") -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default="data", help="root of downloaded and built data")
     args = parser.parse_args(argv)
     print(get_demo_corpus(args.data_dir))

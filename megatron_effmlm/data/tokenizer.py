@@ -65,7 +65,9 @@ def _train_hf(texts: Iterable[str], kind: str, vocab_size: int, lowercase: bool,
 
     special_list = list(specials.values())
     if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=specials["unk"], continuing_subword_prefix=_CONTINUATION_PREFIX))
+        tok = Tokenizer(
+            models.WordPiece(unk_token=specials["unk"], continuing_subword_prefix=_CONTINUATION_PREFIX)
+        )
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
         )
@@ -264,7 +266,9 @@ class EffMLMTokenizer:
         from tokenizers import Tokenizer
 
         if not path or not os.path.isdir(path):
-            raise DataError(f"tokenizer directory not found: {path} (write one with tools/train_tokenizer.py)")
+            raise DataError(
+                f"tokenizer directory not found: {path} (write one with tools/train_tokenizer.py)"
+            )
         meta_path = os.path.join(path, META_FILE)
         hf_path = os.path.join(path, HF_FILE)
         for needed in (meta_path, hf_path):
@@ -341,4 +345,5 @@ class EffMLMTokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"EffMLMTokenizer(kind={self.kind!r}, style={self.style!r}, vocab_size={self.vocab_size}, path={self.path!r})"
+        return (f"EffMLMTokenizer(kind={self.kind!r}, style={self.style!r}, "
+                f"vocab_size={self.vocab_size}, path={self.path!r})")
