@@ -86,6 +86,9 @@ def make_data_loader(dataset, consumed_samples: int, micro_batch_size: int, data
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator must not draw from torch's global RNG,
+        # which drives dropout and is restored exactly on resume.
+        generator=torch.Generator(),
     )
 
 

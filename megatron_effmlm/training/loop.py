@@ -35,6 +35,10 @@ from megatron_effmlm.training.progress import Progress
 logger = logging.getLogger(__name__)
 
 
+def _has_weights(data_path) -> bool:
+    return len(data_path) > 1
+
+
 def is_logging_rank() -> bool:
     return dist.get_rank() == 0
 
@@ -119,14 +123,17 @@ class Trainer:
         from megatron_effmlm.data.dataset import build_train_valid_test_datasets
 
         t, d = self.cfg.train, self.cfg.data
-        eval_runs = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        eval_samples = max(t.eval_iters, 1) * t.global_batch_size  # each evaluation reads the same samples
         return build_train_valid_test_datasets(
-            data_path=d.data_path,
-            split=d.split,
-            seq_length=self.cfg.model.seq_length,
-            seed=t.seed,
-            num_samples=(t.train_iters * t.global_batch_size, max(eval_runs, 1) * t.eval_iters * t.global_batch_size, 0),
+            d.data_path,
             tokenizer=self.tokenizer,
+            seq_length=self.cfg.model.seq_length,
+            split=d.split,
+            seed=t.seed,
+            train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=eval_samples,
+            # The loop never reads the test split: one epoch of it, or a count for blends.
+            test_samples=eval_samples if _has_weights(d.data_path) else None,
             masking_probability=d.mask_prob,
             mask_80_10_10=not d.no_mask_80_10_10,
             whole_word_masking=d.whole_word_masking,
