@@ -81,3 +81,54 @@ def demo_data_prefix(test_cache_dir, demo_jsonl, demo_tokenizer_dir, demo_punkt_
         preprocess(demo_jsonl, base, demo_tokenizer_dir, split_sentences=True, workers=2,
                    log_interval=0, punkt_cache=demo_punkt_params)  # writes atomically
     return prefix
+
+
+# ----- training-side helpers -----
+
+PYTHON = sys.executable
+
+
+def tiny_model_args(data_prefix, tokenizer_dir, cache_dir, **over):
+    """Flags of a tiny model on the demo data; dropout off unless asked (exact comparisons)."""
+    args = {
+        "--data-path": data_prefix, "--tokenizer-dir": tokenizer_dir, "--num-layers": "2",
+        "--hidden-size": "64", "--num-attention-heads": "4", "--seq-length": "64",
+        "--micro-batch-size": "2", "--global-batch-size": "8", "--train-iters": "4", "--lr": "1e-3",
+        "--data-cache-path": cache_dir, "--hidden-dropout": "0", "--attention-dropout": "0",
+        "--log-interval": "1",
+    }
+    args.update({k: str(v) for k, v in over.items()})
+    out = []
+    for k, v in args.items():
+        out.append(k)
+        if v != "":
+            out.append(v)
+    return out
+
+
+def run_torchrun(nproc, script_args, timeout=300, cwd=REPO_ROOT, env=None):
+    """torchrun with gloo on CPU; returns the CompletedProcess (output captured)."""
+    import subprocess
+
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), *script_args]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    e.update(env or {})
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mcore_single():
+    """megatron-core initialised in this process: world size 1, TP=PP=1, gloo."""
+    from megatron_effmlm.parallel.init import initialize_distributed
+
+    initialize_distributed(1, 1, None, seed=1234)
+    yield

@@ -95,7 +95,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
         os.makedirs(tmp)
     dist.barrier()
-    sd = _sharded_state_dict(model, optimizer, scheduler, dict(extra, iteration=iteration), rng=_rng_state())
+    # Before the first update the optimizer has no state to save: iteration 0 is weights
+    # only (an initialisation or an imported model), and loading it starts a fresh optimizer.
+    with_optim = iteration > 0
+    sd = _sharded_state_dict(
+        model, optimizer if with_optim else None, scheduler if with_optim else None,
+        dict(extra, iteration=iteration, has_optimizer=with_optim), rng=_rng_state(),
+    )
     dist_checkpointing.save(sd, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -157,6 +163,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     same_layout = list(common.get("layout", [])) == _layout()
     # RNG streams are per rank: restore them only on the layout that wrote them.
     rng = _rng_state() if same_layout else None
+    if not common.get("has_optimizer", True):
+        optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sd, path)

@@ -26,15 +26,17 @@ def initialize_distributed(
 
     cpu_compat.activate()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun, srun wrappers: env:// rendezvous
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain single process
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                timeout=timeout,
+            )
     world = dist.get_world_size()
     mp = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % mp:
@@ -63,10 +65,15 @@ def set_seed(seed: int):
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy():
+def destroy_model_parallel():
+    """Tear down megatron-core's groups but keep torch.distributed (another layout may follow)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+def destroy():
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -62,6 +62,8 @@ class Trainer:
                 f"in {cfg.data.tokenizer_dir or tokenizer.path} ({tokenizer.vocab_size} tokens)"
             )
         cfg.model.vocab_size = max(cfg.model.vocab_size, tokenizer.vocab_size)
+        # Data before the model: a bad --data-path fails in seconds, not after the build.
+        self.datasets = datasets if datasets is not None else self._build_datasets()
 
         self.tconfig = build_transformer_config(cfg.model, par, cfg.precision)
         self.model = build_model(cfg.model, par, self.tconfig)
@@ -116,7 +118,6 @@ class Trainer:
                 self.iteration = int(extra["iteration"])
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.policy.load_state_dict(extra.get("policy", {}))
-        self.datasets = datasets if datasets is not None else self._build_datasets()
 
     # ----- data -----
     def _build_datasets(self):
