@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron_effmlm.arguments import parse_args
     from megatron_effmlm.config import ConfigError
+    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError
 
     try:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
 
         trainer = Trainer(cfg)
         trainer.train()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -146,6 +146,10 @@ def config_from_args(a) -> RunConfig:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
         raise ConfigError("--tokenizer-dir is required")
+    from megatron_effmlm.plans import POLICIES
+
+    if a.method not in POLICIES:
+        raise ConfigError(f"--method {a.method!r} is not known; choose one of {sorted(POLICIES)}")
     model = ModelConfig(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,

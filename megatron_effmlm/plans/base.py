@@ -11,6 +11,7 @@ from typing import Dict, Type
 
 import torch
 
+from megatron_effmlm.config import ConfigError
 from megatron_effmlm.model.mlm_model import MLMOutput
 
 POLICIES: Dict[str, Type["Policy"]] = {}
@@ -27,7 +28,7 @@ def register(name: str):
 
 def get_policy(name: str, **kwargs) -> "Policy":
     if name not in POLICIES:
-        raise ValueError(f"--method {name!r} is not known; choose one of {sorted(POLICIES)}")
+        raise ConfigError(f"--method {name!r} is not known; choose one of {sorted(POLICIES)}")
     return POLICIES[name](**kwargs)
 
 

@@ -1,0 +1,22 @@
+"""Runs pretrain_effmlm.main() on several bad command lines in one process (one import of
+megatron-core) and prints {case: [exit code, stderr]} as JSON."""
+import contextlib
+import io
+import json
+import sys
+
+if __name__ == "__main__":
+    sys.path.insert(0, ".")
+    import pretrain_effmlm
+
+    cases = json.load(open(sys.argv[1]))
+    out = {}
+    for name, argv in cases.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                code = pretrain_effmlm.main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code
+        out[name] = [code, err.getvalue()]
+    json.dump(out, open(sys.argv[2], "w"))
