@@ -14,6 +14,7 @@ import sys
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the progress
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")

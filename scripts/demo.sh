@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The demo: set up, build the demo corpus (gensim's real Wikipedia dump sample), train a
+# tokenizer, preprocess, and pre-train a small BERT with 2 processes under torchrun.
+# Under 10 minutes on 2 CPU cores. Outputs go to runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+DATA=data/demo
+OUT=${OUT:-runs/demo}
+ITERS=${ITERS:-250}
+
+echo "== 1/4 demo corpus"
+$PY -m megatron_effmlm.data.demo_corpus --data-dir data
+echo "== 2/4 tokenizer (WordPiece, vocab 8192)"
+[ -f $DATA/tokenizer/effmlm_tokenizer.json ] || \
+  $PY tools/train_tokenizer.py --input $DATA/wiki.jsonl --tokenizer-type wordpiece --vocab-size 8192 \
+      --lowercase --output-dir $DATA/tokenizer
+echo "== 3/4 preprocess (sentence split, .bin/.idx)"
+[ -f $DATA/wiki_text_sentence.idx ] || \
+  $PY tools/preprocess_data.py --input $DATA/wiki.jsonl --tokenizer-dir $DATA/tokenizer \
+      --output-prefix $DATA/wiki --split-sentences --workers 2
+echo "== 4/4 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel)"
+rm -rf "$OUT"
+$PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
+  --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer --split 98,2,0 \
+  --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 \
+  --micro-batch-size 16 --global-batch-size 32 --train-iters "$ITERS" \
+  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 \
+  --log-interval 10 --eval-interval 50 --eval-iters 4 \
+  --save "$OUT/ckpt" --save-interval 125 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png"
+echo
+echo "checkpoint:   $OUT/ckpt (latest: $(cat $OUT/ckpt/latest_checkpointed_iteration.txt))"
+echo "tensorboard:  $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboard)"
+echo "loss curve:   $OUT/loss.png"
