@@ -38,6 +38,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = "vanilla"
+    method_options: dict = field(default_factory=dict)
     micro_batch_size: int = 8
     global_batch_size: int = 8
     train_iters: int = 100
@@ -111,13 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=[], help="prefix, or weight prefix weight prefix ...")
     g.add_argument("--split", default="949,50,1")
     g.add_argument("--tokenizer-dir", required=False, default="", help="directory written by tools/train_tokenizer.py")
-    g.add_argument("--mask-prob", type=float, default=0.15)
-    g.add_argument("--no-mask-80-10-10", action="store_true", help="replace every masked token by [MASK]")
+    g.add_argument("--mask-prob", type=float, default=None, help="masking rate (default: 0.15; 0.5 for 3ml)")
+    g.add_argument("--no-mask-80-10-10", dest="mask_80_10_10", action="store_false", default=None,
+                   help="replace every masked token by [MASK] (the default for 3ml)")
+    g.add_argument("--mask-80-10-10", dest="mask_80_10_10", action="store_true",
+                   help="80%% [MASK] / 10%% random / 10%% unchanged (the default but for 3ml)")
     g.add_argument("--whole-word-masking", action="store_true")
     g.add_argument("--data-cache-path", default=None)
 
     g = p.add_argument_group("training")
-    g.add_argument("--method", default="vanilla")
+    g.add_argument("--method", default="vanilla", help="vanilla | 3ml | token-drop | sctd | random-ltd")
+
+    g = p.add_argument_group("methods")
+    g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
+    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
+    g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
+    g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
+    g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
+    g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
+    g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
+    g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
+    g.add_argument("--ltd-granularity", type=int, default=16)
     g.add_argument("--micro-batch-size", type=int, default=8)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=100)
@@ -150,6 +165,25 @@ def config_from_args(a) -> RunConfig:
 
     if a.method not in POLICIES:
         raise ConfigError(f"--method {a.method!r} is not known; choose one of {sorted(POLICIES)}")
+    policy_cls = POLICIES[a.method]
+    if a.mask_prob is None:
+        a.mask_prob = policy_cls.default_mask_prob
+    if a.mask_80_10_10 is None:
+        a.mask_80_10_10 = policy_cls.default_mask_80_10_10
+    if a.mlm3_decoder != "self":
+        raise ConfigError("--3ml-decoder cross is not implemented yet; use self")
+    method_options = {
+        "3ml": dict(decoder_layers=a.decoder_layers),
+        "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
+        "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
+                     sctd_code_compat=a.sctd_code_compat),
+        "random-ltd": dict(ltd_start=a.ltd_start, ltd_steps=a.ltd_steps, ltd_granularity=a.ltd_granularity),
+    }.get(a.method, {})
+    if a.method != "vanilla" and (a.pipeline_model_parallel_size > 1 or a.sequence_parallel):
+        raise ConfigError(
+            f"--method {a.method} with --pipeline-model-parallel-size > 1 or --sequence-parallel is not "
+            "supported yet (tensor and data parallelism are)"
+        )
     model = ModelConfig(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,
@@ -167,6 +201,7 @@ def config_from_args(a) -> RunConfig:
         layernorm_epsilon=a.layernorm_epsilon,
         bert_binary_head=a.bert_binary_head,
         transformer_impl=a.transformer_impl,
+        decoder_layers=method_options.get("decoder_layers", 0),
     )
     par = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,
@@ -181,11 +216,11 @@ def config_from_args(a) -> RunConfig:
     )
     data = DataConfig(
         data_path=list(a.data_path), split=a.split, tokenizer_dir=a.tokenizer_dir, mask_prob=a.mask_prob,
-        no_mask_80_10_10=a.no_mask_80_10_10, whole_word_masking=a.whole_word_masking,
+        no_mask_80_10_10=not a.mask_80_10_10, whole_word_masking=a.whole_word_masking,
         data_cache_path=a.data_cache_path,
     )
     train = TrainConfig(
-        method=a.method, micro_batch_size=a.micro_batch_size,
+        method=a.method, method_options=method_options, micro_batch_size=a.micro_batch_size,
         global_batch_size=a.global_batch_size or a.micro_batch_size, train_iters=a.train_iters,
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
         load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,

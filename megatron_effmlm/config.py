@@ -35,6 +35,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     bert_binary_head: bool = False
     transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
+    decoder_layers: int = 0  # 3ML's decoder (pre-training only; export drops it)
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:

@@ -132,3 +132,21 @@ def mcore_single():
 
     initialize_distributed(1, 1, None, seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_batch(mcore_single, demo_data_prefix, demo_tokenizer, test_cache_dir):
+    """A real micro-batch of 4 rows (T = 64) whose row 1 is padded from position 40."""
+    from megatron_effmlm.data.batches import make_data_iterator
+    from megatron_effmlm.data.dataset import build_train_valid_test_datasets
+
+    train, _, _ = build_train_valid_test_datasets(
+        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=64, split="98,2,0", seed=7,
+        train_samples=16, valid_samples=4, test_samples=None, cache_dir=test_cache_dir + "/dc",
+    )
+    batch = next(make_data_iterator(train, 0, 4))
+    batch["padding_mask"][1, 40:] = 0  # rows of different lengths
+    batch["loss_mask"][1, 40:] = 0
+    return batch
+
+

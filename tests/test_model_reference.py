@@ -56,21 +56,6 @@ def reference_losses(sd, cfg: ModelConfig, ids, pad, loss_mask, labels, rope=Fal
     return F.cross_entropy(logits, labels[sel], reduction="none")
 
 
-@pytest.fixture(scope="module")
-def demo_batch(mcore_single, demo_data_prefix, demo_tokenizer, test_cache_dir):
-    from megatron_effmlm.data.batches import make_data_iterator
-    from megatron_effmlm.data.dataset import build_train_valid_test_datasets
-
-    train, _, _ = build_train_valid_test_datasets(
-        [demo_data_prefix], tokenizer=demo_tokenizer, seq_length=64, split="98,2,0", seed=7,
-        train_samples=16, valid_samples=4, test_samples=None, cache_dir=test_cache_dir + "/dc",
-    )
-    batch = next(make_data_iterator(train, 0, 4))
-    batch["padding_mask"][1, 40:] = 0  # rows of different lengths
-    batch["loss_mask"][1, 40:] = 0
-    return batch
-
-
 @pytest.mark.parametrize("pos", ["learned_absolute", "rope"])
 def test_loss_and_grads_match_reference(demo_batch, demo_tokenizer, pos):
     torch.manual_seed(0)

@@ -38,6 +38,9 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
                 rotary_percent=model_cfg.rotary_percent,
                 add_binary_head=model_cfg.bert_binary_head,
                 vp_stage=vp_stage,
+                decoder_layers=model_cfg.decoder_layers,
+                decoder_layer_spec=get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers)[0]
+                if model_cfg.decoder_layers else None,
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():

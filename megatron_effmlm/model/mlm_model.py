@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -27,14 +27,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
+from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_ids
+
 
 @dataclasses.dataclass
 class MLMOutput:
     """What the last stage hands to the loss function."""
 
     lm_losses: Tensor  # [m] cross-entropy of each predicted position
+    labels: Optional[Tensor] = None  # [m] their target ids
     binary_loss: Optional[Tensor] = None  # [b] sentence-order loss, with --bert-binary-head
     num_sequences: int = 0
+    captured: Dict[int, Tensor] = dataclasses.field(default_factory=dict)  # layer -> [b, h] first-token states
+    consistency: Optional["MLMOutput"] = None  # the second (full) pass of a consistency step (ScTD)
 
 
 class MLMModel(LanguageModule):
@@ -51,6 +56,8 @@ class MLMModel(LanguageModule):
         add_binary_head: bool = False,
         share_embeddings_and_output_weights: bool = True,
         vp_stage: Optional[int] = None,
+        decoder_layers: int = 0,
+        decoder_layer_spec=None,
     ):
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
@@ -82,6 +89,15 @@ class MLMModel(LanguageModule):
             post_process=post_process,
             vp_stage=vp_stage,
         )
+        # 3ML: decoder layers after the encoder and the learned [MASK] vector injected before
+        # them (separate from the word embedding). Fine-tuning and export drop both.
+        self.decoder = None
+        if decoder_layers:
+            assert pre_process and post_process, "3ML with pipeline parallelism: see the parallel layouts issue"
+            dec_config = dataclasses.replace(config, num_layers=decoder_layers)
+            self.decoder = TransformerBlock(config=dec_config, spec=decoder_layer_spec, pre_process=True, post_process=True)
+            self.mask_embedding = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=config.params_dtype))
+            config.init_method(self.mask_embedding.data.view(1, -1))
         if post_process:
             # The head sees full (gathered) sequences of predicted tokens, never a
             # sequence-parallel shard: build it with sequence_parallel off.
@@ -120,46 +136,80 @@ class MLMModel(LanguageModule):
         labels: Optional[Tensor] = None,  # [b, s]
         tokentype_ids: Optional[Tensor] = None,
         is_random: Optional[Tensor] = None,  # [b], sentence-order labels
+        plan: Optional[TokenPlan] = None,  # None: every position live at every layer
+        consistency_plan: Optional[TokenPlan] = None,  # a second pass on the same batch (ScTD)
     ):
-        # True where attention is blocked; [b, 1, 1, s] broadcasts over heads and queries.
-        attention_mask = (padding_mask == 0)[:, None, None, :]
+        args = (input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random)
+        if plan is None:
+            plan = TokenPlan(seq_len=input_ids.shape[1], input_live=LiveSet.all_positions(padding_mask))
+        out = self._run(plan, *args)
+        if consistency_plan is not None:
+            out.consistency = self._run(consistency_plan, *args)
+        return out
+
+    def _run(self, plan, input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random):
+        b, T = input_ids.shape
+        live = plan.input_live
         if self.pre_process:
-            hidden = self.embedding(input_ids, position_ids, tokentype_ids=tokentype_ids)  # [s, b, h]
+            types = gather_ids(tokentype_ids, live) if tokentype_ids is not None else None
+            hidden = self.embedding(gather_ids(input_ids, live), gather_ids(position_ids, live), tokentype_ids=types)
         else:
-            hidden = self.encoder.input_tensor  # from the previous pipeline stage
+            hidden = self.encoder.input_tensor  # [n, b, h] from the previous pipeline stage
+        injection = None
+        if self.decoder is not None:  # e_mask + P[pos] for every position: [T+1, b, h]
+            inj = (self.embedding.position_embeddings(position_ids) + self.mask_embedding).transpose(0, 1)
+            injection = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)
         rotary = None
         if self.position_embedding_type == "rope":
-            rotary = self.rotary_pos_emb(input_ids.shape[1])
+            rotary = self.rotary_pos_emb(T)  # [T, 1, 1, d]
+            rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
+        runner = PlanRunner(plan, injection, rotary)
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng:
-            for layer in self.encoder.layers:
-                hidden, _ = layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+            hidden = self._run_block(self.encoder, 0, hidden, runner)
+            if self.decoder is not None:
+                hidden = self.encoder.final_layernorm(hidden)  # the encoder's output, as exported
+                hidden = self._run_block(self.decoder, self.config.num_layers, hidden, runner)
         if not self.post_process:
             return make_viewless_tensor(hidden, requires_grad=True, keep_graph=True)
-        if self.encoder.final_layernorm is not None:
-            hidden = self.encoder.final_layernorm(hidden)
+        block = self.decoder if self.decoder is not None else self.encoder
+        if block.final_layernorm is not None:
+            hidden = block.final_layernorm(hidden)
         if self.config.sequence_parallel:
             # [s/tp, b, h] -> [s, b, h]; backward splits (the head's input grad is already full).
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False
             )
-        return self.mlm_head(hidden, loss_mask, labels, is_random)
+        out = self.mlm_head(hidden, runner, loss_mask, labels, is_random)
+        out.captured = runner.captured
+        return out
 
-    def mlm_head(self, hidden: Tensor, loss_mask: Tensor, labels: Tensor, is_random=None) -> MLMOutput:
+    def _run_block(self, block, first_index, hidden, runner):
+        for layer in block.layers:
+            idx = first_index + layer.layer_number - 1  # global layer index
+            hidden = runner.before_layer(idx, hidden)
+            hidden, _ = layer(hidden_states=hidden, attention_mask=runner.attention_mask(), rotary_pos_emb=runner.rotary())
+            runner.after_layer(idx, hidden)
+        return hidden
+
+    def mlm_head(self, hidden: Tensor, runner: PlanRunner, loss_mask: Tensor, labels: Tensor, is_random=None) -> MLMOutput:
         """LM head and loss on the predicted positions only."""
-        seq_len = hidden.shape[0]
         flat_idx = loss_mask.reshape(-1).nonzero().squeeze(1)  # [m], row-major over [b, s]
-        rows, pos = flat_idx // seq_len, flat_idx % seq_len
-        predicted = hidden[pos, rows]  # [m, h]
+        predicted = runner.predicted_states(hidden, flat_idx)  # [m, h]
         predicted = self.lm_head(predicted).unsqueeze(1)  # [m, 1, h]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(predicted, weight=weight)  # [m, 1, V/tp]
-        target = labels.reshape(-1)[flat_idx].unsqueeze(1)  # [m, 1]
-        lm_losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target).squeeze(1)
-        out = MLMOutput(lm_losses=lm_losses, num_sequences=hidden.shape[1])
+        target = labels.reshape(-1)[flat_idx]  # [m]
+        lm_losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.unsqueeze(1)).squeeze(1)
+        out = MLMOutput(lm_losses=lm_losses, labels=target, num_sequences=loss_mask.shape[0])
         if self.add_binary_head and is_random is not None:
-            pooled = self.pooler(hidden, 0)  # [b, h]
+            pooled = self.pooler(runner_full_first_token(hidden, runner), 0)  # [b, h]
             binary_logits = self.binary_head(pooled).float()
             out.binary_loss = torch.nn.functional.cross_entropy(binary_logits, is_random.long(), reduction="none")
         return out
+
+
+def runner_full_first_token(hidden: Tensor, runner: PlanRunner) -> Tensor:
+    """[1, b, h]: the first position's final state, as the pooler expects a sequence."""
+    return runner.state_at(hidden, 0).unsqueeze(0)

@@ -7,11 +7,12 @@ new file with a `Policy` subclass registered under its `--method` name.
 
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, Optional, Type
 
 import torch
 
 from megatron_effmlm.config import ConfigError
+from megatron_effmlm.model.engine import LiveSet, TokenPlan
 from megatron_effmlm.model.mlm_model import MLMOutput
 
 POLICIES: Dict[str, Type["Policy"]] = {}
@@ -33,10 +34,30 @@ def get_policy(name: str, **kwargs) -> "Policy":
 
 
 class Policy:
-    name = "base"
+    """Base policy = vanilla MLM. Subclasses override `plan` (and maybe `consistency_plan`,
+    `loss`, `after_step`, `state_dict`)."""
 
-    def __init__(self, **kwargs):
-        self.options = kwargs
+    name = "base"
+    # What the method needs from the model and the data (read by the argument parser).
+    decoder_layers = 0
+    default_mask_prob = 0.15
+    default_mask_80_10_10 = True
+
+    def __init__(self, tokenizer=None, binary_head: bool = False, num_layers: int = 0, seed: int = 0, **options):
+        self.tokenizer = tokenizer
+        self.binary_head = binary_head
+        self.num_layers = num_layers
+        self.seed = seed
+        self.options = options
+        self.training = True  # evaluation runs the plain model for token-dropping methods
+
+    def plan(self, batch: dict, step: int) -> Optional[TokenPlan]:
+        """The token plan of this micro-batch; None = every position live at every layer."""
+        return None
+
+    def consistency_plan(self, batch: dict, step: int) -> Optional[TokenPlan]:
+        """A second pass on the same batch (ScTD's consistency steps)."""
+        return None
 
     def model_inputs(self, batch: dict, step: int) -> dict:
         """Keyword arguments of the model's forward for this micro-batch."""
@@ -48,26 +69,29 @@ class Policy:
             padding_mask=batch["padding_mask"],
             loss_mask=batch["loss_mask"],
             labels=batch["labels"],
-            tokentype_ids=batch.get("types") if self.options.get("binary_head") else None,
-            is_random=batch.get("is_random") if self.options.get("binary_head") else None,
+            tokentype_ids=batch.get("types") if self.binary_head else None,
+            is_random=batch.get("is_random") if self.binary_head else None,
+            plan=self.plan(batch, step),
+            consistency_plan=self.consistency_plan(batch, step) if self.training else None,
         )
 
     def loss(self, out: MLMOutput):
-        """(loss summed over predicted tokens, number of predicted tokens, report)."""
+        """(loss summed over predicted tokens, number of predicted tokens, report).
+
+        The schedule divides the step's gradient by the global number of predicted tokens."""
         num_tokens = torch.tensor(out.lm_losses.numel(), dtype=torch.int)
         lm_sum = out.lm_losses.sum()
         total = lm_sum
         report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens.float()])}
         if out.binary_loss is not None:
-            # The step's gradient is divided by the predicted-token count: weight the
-            # sentence-order mean so it enters like Megatron-LM's lm_loss + sop_loss.
+            # Weight the sentence-order mean so it enters like Megatron-LM's lm_loss + sop_loss.
             sop_mean = out.binary_loss.mean()
             total = total + sop_mean * num_tokens
             report["sop loss"] = torch.stack([sop_mean.detach() * num_tokens, num_tokens.float()])
         return total, num_tokens, report
 
     def after_step(self, step: int) -> None:
-        pass
+        """Called on every rank after each optimizer step (collectives allowed)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -76,6 +100,6 @@ class Policy:
         pass
 
 
-@register("vanilla")
-class VanillaPolicy(Policy):
-    """BERT/RoBERTa MLM: every position live at every layer; the head reads masked positions."""
+def real_positions(batch) -> LiveSet:
+    """Every position of each row, pads masked out as keys (the identity live set)."""
+    return LiveSet.all_positions(batch["padding_mask"])

@@ -105,7 +105,10 @@ class Trainer:
         if len(self.model) == 1:
             self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
 
-        self.policy = get_policy(t.method, binary_head=cfg.model.bert_binary_head, tokenizer=tokenizer)
+        self.policy = get_policy(
+            t.method, tokenizer=tokenizer, binary_head=cfg.model.bert_binary_head,
+            num_layers=cfg.model.num_layers, seed=t.seed, **t.method_options,
+        )
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_iters = 0
@@ -213,6 +216,7 @@ class Trainer:
     def evaluate(self, dataset, eval_iters: int) -> float:
         for m in self.model:
             m.eval()
+        self.policy.training = False
         it = self.data_iterator(dataset, 0)
         self._batch_tokens = 0
         reports = []
@@ -220,6 +224,7 @@ class Trainer:
             reports += self._run_schedule(it, forward_only=True, num_microbatches=self.num_microbatches)
         for m in self.model:
             m.train()
+        self.policy.training = True
         return self._reduce_report(reports)
 
     # ----- the loop -----

@@ -1,0 +1,153 @@
+"""The token plan and the engine that executes it.
+
+A `TokenPlan` says, before chosen layers, which positions become live (an index tensor per
+row, padded), whether the full state is snapshotted into the stash first (token dropping's
+pre-drop states, random-LTD's up-to-date states), and whether new vectors enter there (3ML's
+[MASK] injection). Positions that are not live keep their stashed state, so a later change of
+the live set (a restore) brings them back. The layers themselves are megatron-core's unchanged
+`TransformerLayer`s: the engine gathers the live tokens, runs the layer, and scatters back
+only when the plan changes. No state is shared between layers behind the plan's back.
+
+Shapes: h is [n, b, H] (n live tokens, sequence first as in megatron-core); the full state is
+[T + 1, b, H], where row T is a bin that padded slots of ragged live sets write to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LiveSet:
+    """Live positions of each row: idx [b, n] (padded slots hold T), valid [b, n] bool."""
+
+    idx: Tensor
+    valid: Tensor
+    identity: bool = False  # idx == arange(T) in every row: gathers and scatters are skipped
+
+    @staticmethod
+    def all_positions(padding_mask: Tensor) -> "LiveSet":
+        b, T = padding_mask.shape
+        idx = torch.arange(T, device=padding_mask.device).expand(b, T)
+        return LiveSet(idx, padding_mask.bool(), identity=True)
+
+    @staticmethod
+    def from_mask(mask: Tensor, order: Optional[Tensor] = None) -> "LiveSet":
+        """Positions where mask [b, T] is True, in position order, padded to the row maximum."""
+        b, T = mask.shape
+        count = mask.sum(1)
+        n = max(int(count.max()), 1)
+        # stable sort puts the selected positions first, in position order
+        key = (~mask).to(torch.int8)
+        order = torch.sort(key, dim=1, stable=True).indices[:, :n]
+        valid = torch.arange(n, device=mask.device)[None, :] < count[:, None]
+        idx = torch.where(valid, order, torch.full_like(order, T))
+        return LiveSet(idx, valid)
+
+    @property
+    def n(self) -> int:
+        return self.idx.shape[1]
+
+
+@dataclass
+class PlanStep:
+    """What happens before one layer (global layer index)."""
+
+    live: Optional[LiveSet] = None  # the new live set; None keeps the current one
+    snapshot: bool = False  # stash := full state, before the live set changes
+    inject: bool = False  # 3ML: non-live positions take the plan's injection vectors
+
+
+@dataclass
+class TokenPlan:
+    seq_len: int
+    input_live: LiveSet  # positions embedded at the first layer
+    steps: Dict[int, PlanStep] = field(default_factory=dict)
+    capture_first_token_after: tuple = ()  # layers whose position-0 output the policy needs
+    decoder_context: bool = False  # 3ML-cross: decoder layers cross-attend to the encoder output
+
+
+def gather_live(full: Tensor, live: LiveSet) -> Tensor:
+    """full [T+1, b, H] -> [n, b, H]."""
+    H = full.shape[-1]
+    return full.gather(0, live.idx.t().unsqueeze(-1).expand(-1, -1, H))
+
+
+def scatter_live(base: Tensor, h: Tensor, live: LiveSet) -> Tensor:
+    """Out-of-place: base [T+1, b, H] with h [n, b, H] written at the live positions."""
+    H = h.shape[-1]
+    return base.scatter(0, live.idx.t().unsqueeze(-1).expand(-1, -1, H), h)
+
+
+def to_full(h: Tensor, live: LiveSet, base: Optional[Tensor], seq_len: int) -> Tensor:
+    if base is None:
+        base = h.new_zeros(seq_len + 1, h.shape[1], h.shape[2])
+    if live.identity:
+        return torch.cat([h, base[seq_len:]], 0)
+    return scatter_live(base, h, live)
+
+
+def gather_ids(x: Tensor, live: LiveSet) -> Tensor:
+    """x [b, T] -> [b, n] at the live positions (padded slots read position 0)."""
+    if live.identity:
+        return x
+    return x.gather(1, live.idx.clamp(max=x.shape[1] - 1))
+
+
+class PlanRunner:
+    """Executes a plan over a sequence of layers; holds the step's transient state only."""
+
+    def __init__(self, plan: TokenPlan, injection: Optional[Tensor] = None, rotary: Optional[Tensor] = None):
+        self.plan = plan
+        self.live = plan.input_live
+        self.stash: Optional[Tensor] = None
+        self.injection = injection  # [T+1, b, H] (3ML), or None
+        self.rotary_full = rotary  # [T+1, 1, 1, d] or None
+        self.captured: Dict[int, Tensor] = {}
+
+    def attention_mask(self) -> Tensor:
+        return (~self.live.valid)[:, None, None, :]  # [b, 1, 1, n], True = blocked
+
+    def rotary(self) -> Optional[Tensor]:
+        if self.rotary_full is None:
+            return None
+        if self.live.identity:
+            return self.rotary_full[: self.plan.seq_len]
+        return self.rotary_full[:, 0, 0, :][self.live.idx.t()].unsqueeze(2)  # [n, b, 1, d]
+
+    def before_layer(self, layer_idx: int, h: Tensor) -> Tensor:
+        step = self.plan.steps.get(layer_idx)
+        if step is None:
+            return h
+        T = self.plan.seq_len
+        base = self.injection if step.inject else self.stash
+        full = to_full(h, self.live, base, T)
+        if step.snapshot:
+            self.stash = full
+        if step.live is not None:
+            self.live = step.live
+            h = full[:T] if step.live.identity else gather_live(full, step.live)
+        return h
+
+    def after_layer(self, layer_idx: int, h: Tensor) -> None:
+        if layer_idx in self.plan.capture_first_token_after:
+            self.captured[layer_idx] = self.state_at(h, 0)
+
+    def state_at(self, h: Tensor, position: int) -> Tensor:
+        """[b, H] states of one position (which must be live)."""
+        if self.live.identity:
+            return h[position]
+        slot = (self.live.idx == position).float().argmax(1)  # [b]
+        return h[slot, torch.arange(h.shape[1], device=h.device)]
+
+    def predicted_states(self, h: Tensor, flat_idx: Tensor) -> Tensor:
+        """[m, H] final states at the predicted positions (flat indices over [b, T])."""
+        T = self.plan.seq_len
+        rows, pos = flat_idx // T, flat_idx % T
+        if not self.live.identity:
+            h = to_full(h, self.live, None, T)
+        return h[pos, rows]

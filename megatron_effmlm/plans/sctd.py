@@ -1,0 +1,72 @@
+"""ScTD: semantic-consistent token dropping (Zhong et al., ACL 2023).
+
+Token dropping on every training step; every `sctd_interval`-th step also runs the full model
+on the same batch, and the step's loss is
+    0.5 MLM_drop + 0.5 MLM_full + 0.05 KL_(L-1) + 0.05 KL_L,
+KL = KL(p_full || p_drop), p = softmax over the hidden dimension of the first token's state at
+the output of layer L-1 and layer L, summed (F.kl_div(log p_drop, p_full, reduction="sum"),
+nothing detached: gradients reach both passes). `sctd_code_compat` reproduces the published
+code, which takes both MLM terms from the dropped pass. The importance table learns from the
+dropped pass's losses.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from megatron_effmlm.model.engine import LiveSet
+from megatron_effmlm.plans.base import register
+from megatron_effmlm.plans.token_drop import TokenDropPolicy
+
+
+def consistency_kl(drop_state, full_state):
+    """KL(softmax(full) || softmax(drop)) over the hidden dimension, summed over the batch."""
+    return F.kl_div(F.log_softmax(drop_state.float(), -1), F.softmax(full_state.float(), -1), reduction="sum")
+
+
+@register("sctd")
+class ScTDPolicy(TokenDropPolicy):
+    def __init__(self, sctd_interval: int = 10, sctd_code_compat: bool = False, sctd_kl_weight: float = 0.05, **kw):
+        kw.setdefault("td_beta", 0.95)  # the ScTD code's value
+        super().__init__(**kw)
+        self.interval, self.code_compat, self.kl_weight = sctd_interval, sctd_code_compat, sctd_kl_weight
+
+    @property
+    def captured_layers(self):
+        return (self.num_layers - 2, self.num_layers - 1)
+
+    def is_consistency_step(self, step: int) -> bool:
+        return self.training and step % self.interval == 0
+
+    def plan(self, batch, step):
+        if not self.training:
+            return None
+        p = self.drop_plan(batch)
+        if self.is_consistency_step(step):
+            p.capture_first_token_after = self.captured_layers
+        return p
+
+    def consistency_plan(self, batch, step):
+        if not self.is_consistency_step(step):
+            return None
+        p = self.drop_plan(batch)
+        p.steps = {}  # the full model: every position live at every layer
+        p.capture_first_token_after = self.captured_layers
+        return p
+
+    def loss(self, out):
+        if out.consistency is None:
+            return super().loss(out)
+        self.record(out)
+        full = out.consistency
+        n = torch.tensor(out.lm_losses.numel(), dtype=torch.int)
+        drop_sum = out.lm_losses.sum()
+        full_sum = drop_sum if self.code_compat else full.lm_losses.sum()
+        kls = [consistency_kl(out.captured[l], full.captured[l]) for l in self.captured_layers]
+        # The schedule divides by the predicted-token count: scale the per-batch KL by it.
+        total = 0.5 * drop_sum + 0.5 * full_sum + self.kl_weight * sum(kls) * n
+        report = {
+            "lm loss": torch.stack([drop_sum.detach(), n.float()]),
+            "full lm loss": torch.stack([full.lm_losses.sum().detach(), n.float()]),
+            "consistency kl": torch.stack([sum(kls).detach() * n, n.float()]),
+        }
+        return total, n, report

@@ -1,0 +1,224 @@
+"""Each method's loss and gradients equal a straightforward plain-PyTorch computation on the
+same weights and a real batch with ragged rows (fp32, 1e-5). The references loop over rows
+and never pad, so they share nothing with the engine's gather/scatter machinery."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+from megatron_effmlm.model.mlm_model import MLMModel
+from megatron_effmlm.model.specs import get_layer_spec
+from megatron_effmlm.plans import get_policy
+
+L, H, NH = 4, 64, 4
+
+
+def make_model(vocab, decoder_layers=0):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
+                      hidden_dropout=0.0, attention_dropout=0.0, decoder_layers=decoder_layers)
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
+    model = MLMModel(tc, get_layer_spec("local", L)[0], cfg.padded_vocab_size(), 64,
+                     decoder_layers=decoder_layers,
+                     decoder_layer_spec=get_layer_spec("local", decoder_layers)[0] if decoder_layers else None)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return cfg, model
+
+
+class Ref:
+    """Plain-PyTorch pre-LN BERT on one row (x: [n, H]), from the model's parameters."""
+
+    def __init__(self, model, eps):
+        self.p = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+        self.eps = eps
+
+    def ln(self, x, name):
+        return F.layer_norm(x, (H,), self.p[name + ".weight"], self.p[name + ".bias"], self.eps)
+
+    def lin(self, x, name):
+        return x @ self.p[name + ".weight"].T + self.p[name + ".bias"]
+
+    def layer(self, x, prefix):
+        n, hd = x.shape[0], H // NH
+        q, k, v = self.lin(self.ln(x, prefix + "input_layernorm"), prefix + "self_attention.linear_qkv") \
+            .view(n, NH, 3 * hd).split(hd, -1)
+        att = (torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(hd)).softmax(-1)
+        x = x + self.lin(torch.einsum("nqk,knd->qnd", att, v).reshape(n, H), prefix + "self_attention.linear_proj")
+        h = self.ln(x, prefix + "pre_mlp_layernorm")
+        return x + self.lin(F.gelu(self.lin(h, prefix + "mlp.linear_fc1")), prefix + "mlp.linear_fc2")
+
+    def embed(self, ids, pos):
+        return self.p["embedding.word_embeddings.weight"][ids] + self.p["embedding.position_embeddings.weight"][pos]
+
+    def head_losses(self, x, labels):
+        h = self.ln(F.gelu(self.lin(x, "lm_head.dense")), "lm_head.layer_norm")
+        logits = h @ self.p["embedding.word_embeddings.weight"].T + self.p["output_layer.bias"]
+        return F.cross_entropy(logits, labels, reduction="none")
+
+
+def rows(batch):
+    """Per row: real positions, predicted positions (in order), their labels."""
+    for r in range(batch["text"].shape[0]):
+        real = batch["padding_mask"][r].nonzero().squeeze(1)
+        pred = batch["loss_mask"][r].nonzero().squeeze(1)
+        yield r, real, pred, batch["labels"][r, pred]
+
+
+def engine_loss(model, policy, batch, step=0):
+    out = model(**policy.model_inputs(batch, step))
+    total, n, _ = policy.loss(out)
+    loss = total / n
+    loss.backward()
+    return loss, out
+
+
+def assert_same(model, ref, loss, ref_loss):
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    ref_loss.backward()
+    for name, p in model.named_parameters():
+        g = ref.p[name].grad
+        if g is None:
+            g = torch.zeros_like(p)
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_3ml(demo_batch, demo_tokenizer):
+    tok = demo_tokenizer
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    batch["text"][batch["loss_mask"].bool()] = tok.mask  # 3ML masks without 80/10/10
+    cfg, model = make_model(tok.vocab_size, decoder_layers=2)
+    loss, out = engine_loss(model, get_policy("3ml", tokenizer=tok, num_layers=L, decoder_layers=2), batch)
+
+    ref = Ref(model, cfg.layernorm_epsilon)
+    losses = []
+    for r, real, pred, labels in rows(batch):
+        kept = real[batch["text"][r, real] != tok.mask]
+        masked = real[batch["text"][r, real] == tok.mask]
+        x = ref.embed(batch["text"][r, kept], kept)
+        for l in range(L):
+            x = ref.layer(x, f"encoder.layers.{l}.")
+        x = ref.ln(x, "encoder.final_layernorm")
+        inj = ref.p["mask_embedding"] + ref.p["embedding.position_embeddings.weight"][masked]
+        x = torch.cat([x, inj])  # append the masks; their positions are in `order`
+        order = torch.cat([kept, masked])
+        for l in range(2):
+            x = ref.layer(x, f"decoder.layers.{l}.")
+        x = ref.ln(x, "decoder.final_layernorm")
+        slot = {int(p): i for i, p in enumerate(order)}
+        losses.append(ref.head_losses(x[[slot[int(p)] for p in pred]], labels))
+    # The encoder saw fewer tokens than the sequence, and rows differ in [MASK] counts.
+    assert out.lm_losses.numel() == sum(l.numel() for l in losses)
+    assert_same(model, ref, loss, torch.cat(losses).mean())
+
+
+def _token_drop_reference(ref, batch, importance, keep_ratio, full=False):
+    """Per row: layers 0..c-1 on all; layer c on all, kept outputs continue; layers c+1..L-2 on
+    kept; dropped tokens return with their pre-layer-c states for the last layer."""
+    c = L // 2 - 1
+    losses, firsts = [], {L - 2: [], L - 1: []}
+    for r, real, pred, labels in rows(batch):
+        x = ref.embed(batch["text"][r, real], real)
+        scores = importance[batch["text"][r, real]]
+        k = max(1, round(keep_ratio * real.numel()))
+        keep_slots = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+        for l in range(L):
+            if not full and l == c:
+                saved = x
+            if not full and l == c + 1:
+                x_full_after_c = x
+                x = x[keep_slots]
+            if not full and l == L - 1:
+                back = saved.clone()
+                back[keep_slots] = x
+                x = back
+            x = ref.layer(x, f"encoder.layers.{l}.")
+            if l in firsts:
+                firsts[l].append(x[0])  # [CLS] is position 0 and always kept (slot 0)
+        x = ref.ln(x, "encoder.final_layernorm")
+        losses.append(ref.head_losses(x[pred], labels))  # real positions start at 0
+    return torch.cat(losses), {l: torch.stack(v) for l, v in firsts.items()}
+
+
+def test_token_drop(demo_batch, demo_tokenizer):
+    tok = demo_tokenizer
+    cfg, model = make_model(tok.vocab_size)
+    policy = get_policy("token-drop", tokenizer=tok, num_layers=L)
+    g = torch.Generator().manual_seed(3)
+    policy.importance = torch.rand(tok.vocab_size, generator=g, dtype=torch.float64) * 20  # a learned-looking table
+    policy._pin()
+    loss, out = engine_loss(model, policy, demo_batch)
+    ref = Ref(model, cfg.layernorm_epsilon)
+    ref_losses, _ = _token_drop_reference(ref, demo_batch, policy.importance, 0.5)
+    assert_same(model, ref, loss, ref_losses.mean())
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_sctd_consistency_step(demo_batch, demo_tokenizer, compat):
+    tok = demo_tokenizer
+    cfg, model = make_model(tok.vocab_size)
+    policy = get_policy("sctd", tokenizer=tok, num_layers=L, sctd_interval=10, sctd_code_compat=compat)
+    policy.importance = torch.rand(tok.vocab_size, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 20
+    policy._pin()
+    loss, out = engine_loss(model, policy, demo_batch, step=10)  # 10 % 10 == 0: a consistency step
+    assert out.consistency is not None
+    ref = Ref(model, cfg.layernorm_epsilon)
+    drop, drop_first = _token_drop_reference(ref, demo_batch, policy.importance, 0.5)
+    full, full_first = _token_drop_reference(ref, demo_batch, policy.importance, 0.5, full=True)
+    # KL(p_full || p_drop) over the hidden dimension, summed over the batch: F.kl_div's
+    # convention takes log-probabilities of the second distribution as its first argument.
+    kl = sum((F.softmax(full_first[l], -1) * (F.log_softmax(full_first[l], -1) - F.log_softmax(drop_first[l], -1))).sum()
+             for l in (L - 2, L - 1))
+    mlm_full = drop.mean() if compat else full.mean()
+    assert_same(model, ref, loss, 0.5 * drop.mean() + 0.5 * mlm_full + 0.05 * kl)
+
+
+def test_sctd_plain_step_is_token_dropping(demo_batch, demo_tokenizer):
+    tok = demo_tokenizer
+    _, model = make_model(tok.vocab_size)
+    policy = get_policy("sctd", tokenizer=tok, num_layers=L, sctd_interval=10)
+    out = model(**policy.model_inputs(demo_batch, 3))
+    assert out.consistency is None and not out.captured
+
+
+def test_random_ltd(demo_batch, demo_tokenizer):
+    tok = demo_tokenizer
+    cfg, model = make_model(tok.vocab_size)
+    policy = get_policy("random-ltd", tokenizer=tok, num_layers=L, ltd_start=16, ltd_steps=100, seed=5)
+    plan = policy.plan(demo_batch, 0)
+    policy.plan = lambda b, s: plan  # the reference reads the same sampled subsets
+    loss, _ = engine_loss(model, policy, demo_batch)
+    ref = Ref(model, cfg.layernorm_epsilon)
+    losses = []
+    for r, real, pred, labels in rows(demo_batch):
+        x = ref.embed(demo_batch["text"][r, real], real)
+        for l in range(L):
+            live = plan.steps.get(l)
+            if live is None or live.live.identity:
+                x = ref.layer(x, f"encoder.layers.{l}.")
+            else:
+                sel = live.live.idx[r][live.live.valid[r]]
+                assert sel.numel() == min(16, real.numel()) and torch.all(sel[1:] > sel[:-1])
+                x = x.clone()
+                x[sel] = ref.layer(x[sel], f"encoder.layers.{l}.")  # the others pass unchanged
+        x = ref.ln(x, "encoder.final_layernorm")
+        losses.append(ref.head_losses(x[pred], labels))
+    assert_same(model, ref, loss, torch.cat(losses).mean())
+
+
+def test_sctd_kl_direction_and_reduction():
+    """KL(p_full || p_drop), softmax over the hidden dimension, summed over batch and hidden."""
+    from megatron_effmlm.plans.sctd import consistency_kl
+
+    g = torch.Generator().manual_seed(0)
+    drop, full = torch.randn(3, 16, generator=g) * 3, torch.randn(3, 16, generator=g) * 3
+    p_full, p_drop = full.softmax(-1), drop.softmax(-1)
+    expected = (p_full * (p_full.log() - p_drop.log())).sum()
+    swapped = (p_drop * (p_drop.log() - p_full.log())).sum()
+    assert abs(expected - swapped) > 0.1  # the two directions differ on these inputs
+    torch.testing.assert_close(consistency_kl(drop, full), expected)
