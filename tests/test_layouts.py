@@ -11,6 +11,13 @@ import pytest
 
 from conftest import run_torchrun, tiny_model_args
 
+METHODS = {
+    "3ml": ["--method", "3ml"],
+    "token-drop": ["--method", "token-drop"],
+    "sctd": ["--method", "sctd", "--sctd-interval", "2"],
+    "random-ltd": ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "8"],
+}
+METHOD_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "dp2": []}
 LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -50,7 +57,10 @@ def test_layout_equals_single_process(layout_results, layout):
     assert [s["iteration"] for s in got["steps"]] == [1, 2, 3]
     for a, b in zip(got["steps"], ref["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (layout, a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (layout, a, b)
+        # megatron-core's fp32 norm is itself off by ~1e-5 (measured: its ref value differs from
+        # the float64 norm of the same gradients by 8e-6, while the float64 norms of the TP=2 and
+        # TP=1 gradients agree to 1e-8); the gradients are compared element-wise below.
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), (layout, a, b)
         assert a["lr"] == b["lr"]
     if layout in WITH_GRADS:
         assert set(got["grads"]) == set(ref["grads"])
@@ -58,6 +68,34 @@ def test_layout_equals_single_process(layout_results, layout):
             g, r = np.asarray(g), np.asarray(ref["grads"][name])
             assert g.shape == r.shape, name
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * max(np.abs(r).max(), 1e-3), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """Each method (4 layers, so token dropping has a drop and a restore) on one process and on
+    TP=2 and DP=2 (DP=2 also checks that the importance table stays identical on both ranks:
+    the kept sets of later steps depend on it)."""
+    tmp = tmp_path_factory.mktemp("method_layouts")
+    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
+                           **{"--num-layers": 4})
+    refs, scen = {}, {}
+    for m, margs in METHODS.items():
+        init = str(tmp / f"init_{m}")
+        refs[m] = {"args": base + margs, "steps": STEPS, "save_init": init}
+        for lay, largs in METHOD_LAYOUTS.items():
+            scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
+    return _run(tmp, 1, refs, "method_refs"), _run(tmp, 2, scen, "method_layouts")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("layout", list(METHOD_LAYOUTS))
+def test_method_layout_equals_single_process(method_results, method, layout):
+    refs, results = method_results
+    ref, got = refs[method]["steps"], results[f"{method}/{layout}"]["steps"]
+    assert len(set(s["loss"] for s in ref)) == STEPS
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (method, layout, a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), (method, layout, a, b)
 
 
 def test_training_moves_the_loss(layout_results):

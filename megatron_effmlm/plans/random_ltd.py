@@ -3,8 +3,9 @@
 Every middle layer (all but the first and the last) runs on its own uniformly sampled subset
 of each row's real tokens, in position order; the other tokens pass that layer unchanged. The
 kept length grows linearly from `ltd_start` to the full length over `ltd_steps` steps, in
-multiples of `ltd_granularity`. Sampling is a function of (seed, step, micro-batch), so a
-resumed run draws the same subsets; the step count is the only state.
+multiples of `ltd_granularity`. Each row's draws are a function of (seed, step, layer, the
+row's tokens): a resumed run draws the same subsets, and so does any parallel layout, however
+rows are split into micro-batches and data-parallel ranks. The step count is the only state.
 """
 
 import torch
@@ -29,28 +30,30 @@ class RandomLTDPolicy(Policy):
         if self.num_layers < 3:
             raise ConfigError(f"--method random-ltd needs --num-layers >= 3, got {self.num_layers}")
         self.start, self.steps, self.granularity = ltd_start, ltd_steps, ltd_granularity
-        self._micro = 0
-        self._last_step = -1
 
-    def sample(self, padding_mask, keep: int, generator) -> LiveSet:
+    def sample(self, text, padding_mask, keep: int, step: int, layer: int) -> LiveSet:
         pad = padding_mask.bool()
-        scores = torch.rand(pad.shape, generator=generator).masked_fill(~pad.cpu(), -1.0)
-        top = scores.topk(min(keep, pad.shape[1]), dim=1).indices.to(pad.device)
+        b, T = pad.shape
+        weights = torch.arange(1, T + 1, dtype=torch.int64)
+        scores = torch.empty(b, T)
+        for r in range(b):  # one generator per row: the draw must not depend on the row's neighbours
+            row_key = int((text[r].cpu().long() * weights).sum())
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7_919 + layer * 104_729 + row_key) % 2**62)
+            scores[r] = torch.rand(T, generator=g)
+        scores = scores.masked_fill(~pad.cpu(), -1.0)
+        top = scores.topk(min(keep, T), dim=1).indices.to(pad.device)
         mask = torch.zeros_like(pad).scatter_(1, top, True) & pad
         return LiveSet.from_mask(mask)
 
     def plan(self, batch, step):
         if not self.training:
             return None
-        if step != self._last_step:
-            self._last_step, self._micro = step, 0
         T = batch["text"].shape[1]
         keep = ltd_length(step, T, self.start, self.steps, self.granularity)
         if keep >= T:
             return None
-        g = torch.Generator().manual_seed(hash((self.seed, step, self._micro)) % (2**63))
-        self._micro += 1
-        steps = {l: PlanStep(live=self.sample(batch["padding_mask"], keep, g), snapshot=True)
+        text, pad = batch["text"], batch["padding_mask"]
+        steps = {l: PlanStep(live=self.sample(text, pad, keep, step, l), snapshot=True)
                  for l in range(1, self.num_layers - 1)}
         steps[self.num_layers - 1] = PlanStep(live=real_positions(batch), snapshot=True)
         return TokenPlan(seq_len=T, input_live=real_positions(batch), steps=steps)
