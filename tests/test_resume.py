@@ -5,6 +5,8 @@ import glob
 import json
 import os
 
+import pytest
+
 from conftest import run_torchrun, tiny_model_args
 
 
@@ -13,10 +15,17 @@ def _losses(png):
     return {int(i): loss for i, loss in hist["train"]}
 
 
-def test_resume_equals_uninterrupted(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+@pytest.mark.parametrize("method", [
+    [],  # vanilla
+    ["--method", "token-drop"],  # the importance table must come back from the checkpoint
+    ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "5"],  # schedule position
+    ["--method", "3ml"],  # e_mask and the decoder
+], ids=["vanilla", "token-drop", "random-ltd", "3ml"])
+def test_resume_equals_uninterrupted(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir, method):
     dc = os.path.join(test_cache_dir, "dc")
     common = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, dc, **{
-        "--train-iters": 6, "--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--lr-warmup-iters": 2})
+        "--train-iters": 6, "--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--lr-warmup-iters": 2,
+        "--num-layers": 4}) + method
 
     full = str(tmp_path / "full.png")
     r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--loss-curve", full,
