@@ -52,6 +52,8 @@ class TrainConfig:
     seed: int = 1234
     exit_interval: int = 0
     loss_curve: Optional[str] = None  # PNG written at the end (and at each save)
+    train_flops_budget: Optional[float] = None
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=0, help="stop (after saving) at an iteration multiple of this")
     g.add_argument("--loss-curve", default=None, help="write the loss curve as a PNG here")
+    g.add_argument("--train-flops-budget", type=float, default=None,
+                   help="stop once the model FLOPs of training (FLOP model, fwd + bwd) reach this")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak per process, for MFU in the progress line")
     return p
 
 
@@ -224,7 +230,8 @@ def config_from_args(a) -> RunConfig:
         global_batch_size=a.global_batch_size or a.micro_batch_size, train_iters=a.train_iters,
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
         load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
-        exit_interval=a.exit_interval, loss_curve=a.loss_curve,
+        exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
+        peak_tflops=a.peak_tflops,
     )
     return RunConfig(model, par, PrecisionConfig(bf16=a.bf16, fp16=a.fp16), optim, data, train)
 

@@ -222,3 +222,25 @@ def test_sctd_kl_direction_and_reduction():
     swapped = (p_drop * (p_drop.log() - p_full.log())).sum()
     assert abs(expected - swapped) > 0.1  # the two directions differ on these inputs
     torch.testing.assert_close(consistency_kl(drop, full), expected)
+
+
+def test_flop_count_follows_the_plan(demo_batch, demo_tokenizer):
+    """The engine counts the FLOP model on the shapes it ran: 3ML's encoder on the kept tokens
+    (padded to the row maximum), its decoder on all, the head on the predicted tokens."""
+    from megatron_effmlm.training.flops import head_flops, layer_flops
+
+    tok = demo_tokenizer
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    batch["text"][batch["loss_mask"].bool()] = tok.mask
+    _, model = make_model(tok.vocab_size, decoder_layers=2)
+    b, T = batch["text"].shape
+    m = int(batch["loss_mask"].sum())
+    n_kept = int((batch["padding_mask"].bool() & (batch["text"] != tok.mask)).sum(1).max())
+    vocab = model.vocab_size
+    model.forward_flops = 0.0
+    model(**get_policy("vanilla").model_inputs(batch, 0))
+    assert model.forward_flops == L * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
+    model.forward_flops = 0.0
+    model(**get_policy("3ml", tokenizer=tok, num_layers=L, decoder_layers=2).model_inputs(batch, 0))
+    expected = L * b * layer_flops(n_kept, H, 4 * H) + 2 * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
+    assert model.forward_flops == expected and n_kept < T

@@ -28,6 +28,7 @@ from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_ids
+from megatron_effmlm.training.flops import head_flops, layer_flops
 
 
 @dataclasses.dataclass
@@ -120,6 +121,9 @@ class MLMModel(LanguageModule):
                 )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
+        # Forward FLOPs of the layers and head this stage ran, by the FLOP model; the trainer
+        # reads and resets it every step (model TFLOP/s, --train-flops-budget).
+        self.forward_flops = 0.0
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -164,6 +168,9 @@ class MLMModel(LanguageModule):
             rotary = self.rotary_pos_emb(T)  # [T, 1, 1, d]
             rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
         runner = PlanRunner(plan, injection, rotary)
+        c = self.config
+        sp = c.tensor_model_parallel_size if c.sequence_parallel else 1  # h holds n / tp tokens
+        runner.on_layer = lambda n, b: self._count_flops(b * layer_flops(n * sp, c.hidden_size, c.ffn_hidden_size))
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng:
@@ -183,7 +190,11 @@ class MLMModel(LanguageModule):
             )
         out = self.mlm_head(hidden, runner, loss_mask, labels, is_random)
         out.captured = runner.captured
+        self.forward_flops += head_flops(out.lm_losses.numel(), self.config.hidden_size, self.vocab_size)
         return out
+
+    def _count_flops(self, flops: float):
+        self.forward_flops += flops
 
     def _run_block(self, block, first_index, hidden, runner):
         for layer in block.layers:

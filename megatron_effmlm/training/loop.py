@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_effmlm.arguments import RunConfig, check_layout
 from megatron_effmlm.checkpoint import dist_ckpt
 from megatron_effmlm.config import ConfigError, build_transformer_config
-from megatron_effmlm.model.builder import build_model
+from megatron_effmlm.model.builder import build_model, unwrap
 from megatron_effmlm.parallel.init import initialize_distributed
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
@@ -112,14 +112,16 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_iters = 0
+        self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
         if t.load:
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": 0, "policy": self.policy.state_dict()},
+                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
             )
             if extra is not None:
                 self.iteration = int(extra["iteration"])
                 self.consumed_samples = int(extra["consumed_samples"])
+                self.train_flops = float(extra.get("train_flops", 0.0))
                 self.policy.load_state_dict(extra.get("policy", {}))
 
     # ----- data -----
@@ -186,8 +188,18 @@ class Trainer:
             dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         return (total[0] / total[1].clamp(min=1)).item()
 
+    def _forward_flops(self) -> float:
+        """Model forward FLOPs of the global batch: every stage and DP rank, one TP rank."""
+        local = sum(unwrap(m).forward_flops for m in self.model) if ps.get_tensor_model_parallel_rank() == 0 else 0.0
+        for m in self.model:
+            unwrap(m).forward_flops = 0.0
+        t = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item()
+
     def train_step(self, data_iterator) -> dict:
         for m in self.model:
+            unwrap(m).forward_flops = 0.0
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._batch_tokens = 0
@@ -204,7 +216,10 @@ class Trainer:
         loss = self._reduce_report(reports)
         tokens = torch.tensor([self._batch_tokens], dtype=torch.float64)
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        flops = 3.0 * self._forward_flops()  # backward = 2x forward
+        self.train_flops += flops
         return {
+            "flops": flops,
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -232,7 +247,8 @@ class Trainer:
         t = self.cfg.train
         path = dist_ckpt.save_checkpoint(
             t.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            {"consumed_samples": self.consumed_samples, "policy": self.policy.state_dict()},
+            {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
+             "policy": self.policy.state_dict()},
         )
         if is_logging_rank():
             print(f"saved checkpoint {path}", flush=True)
@@ -245,16 +261,22 @@ class Trainer:
         it = self.data_iterator(train_ds, self.consumed_samples)
         for m in self.model:
             m.train()
-        window_t, window_tokens = time.time(), 0.0
+        window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
         while self.iteration < t.train_iters:
             stats = self.train_step(it)
             window_tokens += stats["tokens"]
+            window_flops += stats.pop("flops")
+            progress.history["flops"].append((self.iteration, self.train_flops))
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
                 dt = time.time() - window_t
                 stats["tokens_per_s"] = window_tokens / max(dt, 1e-9)
+                stats["tflops"] = window_flops / max(dt, 1e-9) / 1e12  # model TFLOP/s, all ranks
+                stats["train_flops"] = self.train_flops
+                if t.peak_tflops:
+                    stats["mfu"] = stats["tflops"] / (t.peak_tflops * dist.get_world_size())
                 stats["skipped"] = self.skipped_iters
                 progress.log_train(self.iteration, stats)
-                window_t, window_tokens = time.time(), 0.0
+                window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
             else:
                 progress.history["train"].append((self.iteration, stats["loss"]))
             if t.eval_interval and valid_ds is not None and self.iteration % t.eval_interval == 0:
@@ -263,6 +285,11 @@ class Trainer:
                 self.save()
                 progress.write_curve(t.loss_curve)
             if t.exit_interval and self.iteration % t.exit_interval == 0:
+                break
+            if t.train_flops_budget and self.train_flops >= t.train_flops_budget:
+                if is_logging_rank():
+                    print(f"reached --train-flops-budget {t.train_flops_budget:.3e} at iteration "
+                          f"{self.iteration} ({self.train_flops:.3e} FLOPs)", flush=True)
                 break
         if t.save and (not t.save_interval or self.iteration % t.save_interval):
             self.save()

@@ -18,7 +18,7 @@ class Progress:
         self.total, self.start = total_iters, start_iter
         self.enabled = enabled
         self.t0 = time.time()
-        self.history = {"train": [], "valid": []}  # (iteration, loss)
+        self.history = {"train": [], "valid": [], "flops": []}  # (iteration, loss); (iteration, train FLOPs)
         self.writer = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -37,6 +37,8 @@ class Progress:
         fields += [f"tok/s {scalars['tokens_per_s']:,.0f}"]
         if "tflops" in scalars:
             fields.append(f"TFLOP/s {scalars['tflops']:.3f}")
+        if "mfu" in scalars:
+            fields.append(f"MFU {100 * scalars['mfu']:.1f}%")
         if scalars.get("skipped"):
             fields.append(f"skipped {scalars['skipped']}")
         fields += [f"elapsed {_hms(elapsed)}", f"ETA {_hms(eta)}"]
