@@ -238,8 +238,8 @@ def test_flop_count_follows_the_plan(demo_batch, demo_tokenizer):
     n_kept = int((batch["padding_mask"].bool() & (batch["text"] != tok.mask)).sum(1).max())
     vocab = model.vocab_size
     model.forward_flops = 0.0
-    model(**get_policy("vanilla").model_inputs(batch, 0))
-    assert model.forward_flops == L * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
+    model(**get_policy("vanilla").model_inputs(batch, 0))  # no plan: all layers, decoder included, on T
+    assert model.forward_flops == (L + 2) * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
     model.forward_flops = 0.0
     model(**get_policy("3ml", tokenizer=tok, num_layers=L, decoder_layers=2).model_inputs(batch, 0))
     expected = L * b * layer_flops(n_kept, H, 4 * H) + 2 * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
