@@ -176,10 +176,8 @@ def config_from_args(a) -> RunConfig:
         a.mask_prob = policy_cls.default_mask_prob
     if a.mask_80_10_10 is None:
         a.mask_80_10_10 = policy_cls.default_mask_80_10_10
-    if a.mlm3_decoder != "self":
-        raise ConfigError("--3ml-decoder cross is not implemented yet; use self")
     method_options = {
-        "3ml": dict(decoder_layers=a.decoder_layers),
+        "3ml": dict(decoder_layers=a.decoder_layers, decoder_type=a.mlm3_decoder),
         "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
         "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
                      sctd_code_compat=a.sctd_code_compat),
@@ -208,6 +206,7 @@ def config_from_args(a) -> RunConfig:
         bert_binary_head=a.bert_binary_head,
         transformer_impl=a.transformer_impl,
         decoder_layers=method_options.get("decoder_layers", 0),
+        decoder_type=method_options.get("decoder_type", "self"),
     )
     par = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,

@@ -36,6 +36,7 @@ class ModelConfig:
     bert_binary_head: bool = False
     transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
     decoder_layers: int = 0  # 3ML's decoder (pre-training only; export drops it)
+    decoder_type: str = "self"  # 3ML-self, or "cross": the decoder also cross-attends to the encoder
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:

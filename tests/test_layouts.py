@@ -13,6 +13,7 @@ from conftest import run_torchrun, tiny_model_args
 
 METHODS = {
     "3ml": ["--method", "3ml"],
+    "3ml-cross": ["--method", "3ml", "--3ml-decoder", "cross"],
     "token-drop": ["--method", "token-drop"],
     "sctd": ["--method", "sctd", "--sctd-interval", "2"],
     "random-ltd": ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "8"],

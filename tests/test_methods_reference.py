@@ -16,14 +16,17 @@ from megatron_effmlm.plans import get_policy
 L, H, NH = 4, 64, 4
 
 
-def make_model(vocab, decoder_layers=0):
+def make_model(vocab, decoder_layers=0, decoder_type="self"):
+    from megatron_effmlm.model.builder import decoder_spec
+
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
-                      hidden_dropout=0.0, attention_dropout=0.0, decoder_layers=decoder_layers)
+                      hidden_dropout=0.0, attention_dropout=0.0, decoder_layers=decoder_layers,
+                      decoder_type=decoder_type, transformer_impl="local")
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
     model = MLMModel(tc, get_layer_spec("local", L)[0], cfg.padded_vocab_size(), 64,
                      decoder_layers=decoder_layers,
-                     decoder_layer_spec=get_layer_spec("local", decoder_layers)[0] if decoder_layers else None)
+                     decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -44,14 +47,21 @@ class Ref:
     def lin(self, x, name):
         return x @ self.p[name + ".weight"].T + self.p[name + ".bias"]
 
-    def layer(self, x, prefix):
+    def layer(self, x, prefix, context=None):
         n, hd = x.shape[0], H // NH
         q, k, v = self.lin(self.ln(x, prefix + "input_layernorm"), prefix + "self_attention.linear_qkv") \
             .view(n, NH, 3 * hd).split(hd, -1)
-        att = (torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(hd)).softmax(-1)
-        x = x + self.lin(torch.einsum("nqk,knd->qnd", att, v).reshape(n, H), prefix + "self_attention.linear_proj")
+        x = x + self.lin(self.attend(q, k, v), prefix + "self_attention.linear_proj")
+        if context is not None:  # 3ML-cross: queries from the stream, keys/values from the encoder
+            q = self.lin(self.ln(x, prefix + "pre_cross_attn_layernorm"), prefix + "cross_attention.linear_q")
+            k, v = self.lin(context, prefix + "cross_attention.linear_kv").view(-1, NH, 2 * hd).split(hd, -1)
+            x = x + self.lin(self.attend(q.view(n, NH, hd), k, v), prefix + "cross_attention.linear_proj")
         h = self.ln(x, prefix + "pre_mlp_layernorm")
         return x + self.lin(F.gelu(self.lin(h, prefix + "mlp.linear_fc1")), prefix + "mlp.linear_fc2")
+
+    def attend(self, q, k, v):
+        att = (torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(q.shape[-1])).softmax(-1)
+        return torch.einsum("nqk,knd->qnd", att, v).reshape(q.shape[0], H)
 
     def embed(self, ids, pos):
         return self.p["embedding.word_embeddings.weight"][ids] + self.p["embedding.position_embeddings.weight"][pos]
@@ -114,6 +124,30 @@ def test_3ml(demo_batch, demo_tokenizer):
         losses.append(ref.head_losses(x[[slot[int(p)] for p in pred]], labels))
     # The encoder saw fewer tokens than the sequence, and rows differ in [MASK] counts.
     assert out.lm_losses.numel() == sum(l.numel() for l in losses)
+    assert_same(model, ref, loss, torch.cat(losses).mean())
+
+
+def test_3ml_cross(demo_batch, demo_tokenizer):
+    """Decoder stream = the masked positions; self-attention among them, cross-attention to
+    the encoder output."""
+    tok = demo_tokenizer
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    batch["text"][batch["loss_mask"].bool()] = tok.mask
+    cfg, model = make_model(tok.vocab_size, decoder_layers=2, decoder_type="cross")
+    policy = get_policy("3ml", tokenizer=tok, num_layers=L, decoder_layers=2, decoder_type="cross")
+    loss, out = engine_loss(model, policy, batch)
+    ref = Ref(model, cfg.layernorm_epsilon)
+    losses = []
+    for r, real, pred, labels in rows(batch):
+        kept = real[batch["text"][r, real] != tok.mask]
+        x = ref.embed(batch["text"][r, kept], kept)
+        for l in range(L):
+            x = ref.layer(x, f"encoder.layers.{l}.")
+        enc = ref.ln(x, "encoder.final_layernorm")
+        y = ref.p["mask_embedding"] + ref.p["embedding.position_embeddings.weight"][pred]
+        for l in range(2):
+            y = ref.layer(y, f"decoder.layers.{l}.", context=enc)
+        losses.append(ref.head_losses(ref.ln(y, "decoder.final_layernorm"), labels))
     assert_same(model, ref, loss, torch.cat(losses).mean())
 
 

@@ -9,7 +9,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_effmlm.config import ModelConfig, ParallelConfig
 from megatron_effmlm.model.mlm_model import MLMModel
-from megatron_effmlm.model.specs import get_layer_spec
+from megatron_effmlm.model.specs import get_layer_spec, with_cross_attention
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
                 add_binary_head=model_cfg.bert_binary_head,
                 vp_stage=vp_stage,
                 decoder_layers=model_cfg.decoder_layers,
-                decoder_layer_spec=get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers)[0]
-                if model_cfg.decoder_layers else None,
+                decoder_layer_spec=decoder_spec(model_cfg) if model_cfg.decoder_layers else None,
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
@@ -67,6 +66,11 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
     for w in wrapped:
         w.broadcast_params()  # identical start on every data-parallel rank
     return wrapped
+
+
+def decoder_spec(model_cfg: ModelConfig):
+    spec, impl, _ = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers)
+    return with_cross_attention(spec, impl) if model_cfg.decoder_type == "cross" else spec
 
 
 def unwrap(chunk):

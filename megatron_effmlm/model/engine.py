@@ -108,7 +108,8 @@ class PlanRunner:
         self.injection = injection  # [T+1, b, H] (3ML), or None
         self.rotary_full = rotary  # [T+1, 1, 1, d] or None
         self.captured: Dict[int, Tensor] = {}
-        self.on_layer = None  # called with (n, b) after every layer: the FLOP count
+        self.context: Optional[Tensor] = None  # 3ML-cross: the encoder output, [n_enc, b, H]
+        self.context_mask: Optional[Tensor] = None
 
     def attention_mask(self) -> Tensor:
         return (~self.live.valid)[:, None, None, :]  # [b, 1, 1, n], True = blocked
@@ -126,6 +127,8 @@ class PlanRunner:
             return h
         T = self.plan.seq_len
         base = self.injection if step.inject else self.stash
+        if step.inject and self.plan.decoder_context:
+            self.context, self.context_mask = h, self.attention_mask()
         full = to_full(h, self.live, base, T)
         if step.snapshot:
             self.stash = full
@@ -135,8 +138,6 @@ class PlanRunner:
         return h
 
     def after_layer(self, layer_idx: int, h: Tensor) -> None:
-        if self.on_layer is not None:
-            self.on_layer(h.shape[0], h.shape[1])
         if layer_idx in self.plan.capture_first_token_after:
             self.captured[layer_idx] = self.state_at(h, 0)
 

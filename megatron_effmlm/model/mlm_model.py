@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_ids
-from megatron_effmlm.training.flops import head_flops, layer_flops
+from megatron_effmlm.training.flops import cross_attention_flops, head_flops, layer_flops
 
 
 @dataclasses.dataclass
@@ -168,9 +168,6 @@ class MLMModel(LanguageModule):
             rotary = self.rotary_pos_emb(T)  # [T, 1, 1, d]
             rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
         runner = PlanRunner(plan, injection, rotary)
-        c = self.config
-        sp = c.tensor_model_parallel_size if c.sequence_parallel else 1  # h holds n / tp tokens
-        runner.on_layer = lambda n, b: self._count_flops(b * layer_flops(n * sp, c.hidden_size, c.ffn_hidden_size))
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng:
@@ -193,14 +190,24 @@ class MLMModel(LanguageModule):
         self.forward_flops += head_flops(out.lm_losses.numel(), self.config.hidden_size, self.vocab_size)
         return out
 
-    def _count_flops(self, flops: float):
-        self.forward_flops += flops
+    def _count_layer_flops(self, hidden, context):
+        c = self.config
+        sp = c.tensor_model_parallel_size if c.sequence_parallel else 1  # h holds n / tp tokens
+        n, b = hidden.shape[0] * sp, hidden.shape[1]
+        self.forward_flops += b * layer_flops(n, c.hidden_size, c.ffn_hidden_size)
+        if context is not None:
+            self.forward_flops += b * cross_attention_flops(n, context.shape[0] * sp, c.hidden_size)
 
     def _run_block(self, block, first_index, hidden, runner):
         for layer in block.layers:
             idx = first_index + layer.layer_number - 1  # global layer index
             hidden = runner.before_layer(idx, hidden)
-            hidden, _ = layer(hidden_states=hidden, attention_mask=runner.attention_mask(), rotary_pos_emb=runner.rotary())
+            cross = {}
+            if runner.context is not None and block is self.decoder:
+                cross = dict(context=runner.context, context_mask=runner.context_mask)
+            hidden, _ = layer(hidden_states=hidden, attention_mask=runner.attention_mask(),
+                              rotary_pos_emb=runner.rotary(), **cross)
+            self._count_layer_flops(hidden, cross.get("context"))
             runner.after_layer(idx, hidden)
         return hidden
 

@@ -56,6 +56,44 @@ def _local_block_spec(num_layers: int):
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
+def with_cross_attention(block_spec, transformer_impl: str):
+    """3ML-cross's decoder: the block's layers plus megatron-core's cross-attention submodules
+    (queries from the decoder stream, keys/values from the encoder output)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
+
+        q, kv, core, proj, norm = (TEColumnParallelLinear, TEColumnParallelLinear, TEDotProductAttention,
+                                   TERowParallelLinear, TENorm)
+    else:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        q, kv, core, proj = ColumnParallelLinear, ColumnParallelLinear, DotProductAttention, RowParallelLinear
+        norm = block_spec.layer_norm
+    layers = []
+    for layer in block_spec.layer_specs:
+        layers.append(ModuleSpec(
+            module=layer.module,
+            params=layer.params,
+            submodules=dataclasses.replace(
+                layer.submodules,
+                pre_cross_attn_layernorm=norm,
+                cross_attention=ModuleSpec(
+                    module=CrossAttention,
+                    params={"attn_mask_type": AttnMaskType.padding},
+                    submodules=CrossAttentionSubmodules(linear_q=q, linear_kv=kv, core_attention=core, linear_proj=proj),
+                ),
+                cross_attn_bda=get_bias_dropout_add,
+            ),
+        ))
+    return dataclasses.replace(block_spec, layer_specs=layers)
+
+
 def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
     """Return (block spec, impl_name, reason) for `num_layers` layers on this stage."""
     with warnings.catch_warnings():
@@ -68,7 +106,11 @@ def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
     if transformer_impl == "transformer_engine":
         if not ok:
             raise ValueError(f"--transformer-impl transformer_engine: {why}")
-        return bert_layer_specs.get_bert_layer_with_transformer_engine_spec(), "transformer_engine", why
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+        layer = bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm), "transformer_engine", why
     if transformer_impl != "local":
         raise ValueError(f"--transformer-impl {transformer_impl!r}: choose local, transformer_engine or auto")
     return _local_block_spec(num_layers), "local", why if not ok else "requested"

@@ -1,9 +1,14 @@
-"""3ML, "mask more and mask later" (Liao et al., 2022).
+"""3ML, "mask more and mask later" (Liao et al., 2022), self and cross variants.
 
 The encoder's layers run on the positions whose input is not [MASK]; before the first
 decoder layer, `e_mask + P[pos]` enters at every other position, and the decoder layers run
 on the whole sequence. With learned absolute positions, scattering the injected vectors to
 their positions is the same computation as appending them (attention does not see order).
+
+3ML-cross (`decoder_type="cross"`): the decoder stream is the predicted positions only
+(their injected vectors); each decoder layer has self-attention over that stream and
+cross-attention to the encoder's output (the kept tokens). The paper leaves the details open;
+this is the MAE-LM-like reading, and it is cheaper than the self variant.
 """
 
 import torch
@@ -17,15 +22,20 @@ class ThreeMLPolicy(Policy):
     default_mask_prob = 0.5
     default_mask_80_10_10 = False  # the encoder never sees the masked tokens
 
-    def __init__(self, decoder_layers: int = 2, **kw):
+    def __init__(self, decoder_layers: int = 2, decoder_type: str = "self", **kw):
         super().__init__(**kw)
-        self.decoder_layers = decoder_layers
+        self.decoder_layers, self.decoder_type = decoder_layers, decoder_type
 
     def plan(self, batch, step):
         text, pad = batch["text"], batch["padding_mask"].bool()
         kept = pad & (text != self.tokenizer.mask)  # [b, T]
+        if self.decoder_type == "cross":
+            decoder_live = LiveSet.from_mask(batch["loss_mask"].bool() & pad)
+        else:
+            decoder_live = real_positions(batch)
         return TokenPlan(
             seq_len=text.shape[1],
             input_live=LiveSet.from_mask(kept),
-            steps={self.num_layers: PlanStep(live=real_positions(batch), inject=True)},
+            steps={self.num_layers: PlanStep(live=decoder_live, inject=True)},
+            decoder_context=self.decoder_type == "cross",
         )

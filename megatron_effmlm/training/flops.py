@@ -15,18 +15,26 @@ def layer_flops(n: int, d: int, f: int, n_kv: int = None) -> float:
     return n * (8 * d * d + 4 * d * f) + 4 * n * n_kv * d
 
 
+def cross_attention_flops(n: int, n_ctx: int, d: int) -> float:
+    """Forward FLOPs of a cross-attention sublayer: q and output projections on n tokens, k/v
+    projections on the n_ctx context tokens, and attention of n queries over n_ctx keys."""
+    return 4 * n * d * d + 4 * n_ctx * d * d + 4 * n * n_ctx * d
+
+
 def head_flops(m: int, d: int, vocab: int) -> float:
     return 2 * m * (d * d + d * vocab)
 
 
 def predicted_step_flops(method: str, seq_len: int, num_layers: int, d: int, f: int, vocab: int,
                          mask_prob: float, decoder_layers: int = 2, keep_ratio: float = 0.5,
-                         ltd_len: int = None, head_on_all: bool = False) -> float:
+                         ltd_len: int = None, head_on_all: bool = False, decoder_type: str = "self") -> float:
     """Training FLOPs (forward + backward = 3x forward) per sequence of a method."""
     T, L = seq_len, num_layers
     m = round(mask_prob * T)
     if method in ("vanilla", "megatron-bert"):
         layers = L * layer_flops(T, d, f)
+    elif method == "3ml" and decoder_type == "cross":
+        layers = L * layer_flops(T - m, d, f) + decoder_layers * (layer_flops(m, d, f) + cross_attention_flops(m, T - m, d))
     elif method == "3ml":
         layers = L * layer_flops(T - m, d, f) + decoder_layers * layer_flops(T, d, f)
     elif method in ("token-drop", "sctd"):
