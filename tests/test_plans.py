@@ -1,0 +1,70 @@
+"""Plan building blocks: live sets, the kept set of token dropping, the importance-table
+update, the random-LTD schedule."""
+
+import torch
+
+from megatron_effmlm.model.engine import LiveSet
+from megatron_effmlm.plans import get_policy
+from megatron_effmlm.plans.random_ltd import ltd_length
+from megatron_effmlm.plans.token_drop import PIN, select_kept
+
+
+def test_live_set_from_mask_is_position_ordered_and_padded():
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    live = LiveSet.from_mask(mask)
+    assert live.idx.tolist() == [[1, 2, 4], [0, 5, 5]]  # padded slots point at the bin row T
+    assert live.valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_select_kept_ties_padding_and_ratio():
+    scores = torch.tensor([[5.0, 1.0, 5.0, 5.0, 2.0, 9.0], [3.0, 3.0, 3.0, 3.0, 100.0, 100.0]])
+    pad = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    live = select_kept(scores, pad, keep_ratio=0.5)
+    # row 0: k = 3 of 6: 9.0 (pos 5), then the tie at 5.0 goes to the lower positions 0 and 2
+    assert live.idx[0][live.valid[0]].tolist() == [0, 2, 5]
+    # row 1: 4 real tokens -> k = 2; padding never kept however high its score; ties -> 0, 1
+    assert live.idx[1][live.valid[1]].tolist() == [0, 1]
+
+
+def test_importance_table_update_and_pins(demo_tokenizer, mcore_single):
+    from megatron_effmlm.model.mlm_model import MLMOutput
+
+    tok = demo_tokenizer
+    p = get_policy("token-drop", tokenizer=tok, num_layers=4, td_beta=0.9)
+    a, b = 100, 200
+    out = MLMOutput(lm_losses=torch.tensor([2.0, 4.0, 1.0, 7.0]), labels=torch.tensor([a, a, b, tok.cls]))
+    p.loss(out)
+    p.after_step(1)
+    assert p.importance[a].item() == 0.9 * 10.0 + 0.1 * 3.0  # the step's mean loss of that label
+    assert p.importance[b].item() == 0.9 * 10.0 + 0.1 * 1.0
+    assert p.importance[300].item() == 10.0  # not a label this step: unchanged
+    assert p.importance[tok.cls].item() == PIN and p.importance[tok.mask].item() == PIN  # re-pinned
+    assert p.importance[tok.pad].item() == -PIN
+    p.after_step(2)  # no predictions recorded: nothing moves
+    assert p.importance[a].item() == 0.9 * 10.0 + 0.1 * 3.0
+    # [MASK] inputs are always kept; the table is part of the checkpoint
+    state = p.state_dict()
+    q = get_policy("token-drop", tokenizer=tok, num_layers=4)
+    q.load_state_dict(state)
+    assert torch.equal(q.importance, p.importance)
+
+
+def test_masked_tokens_are_kept(demo_tokenizer, demo_batch):
+    tok = demo_tokenizer
+    p = get_policy("token-drop", tokenizer=tok, num_layers=4)
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    kept = p.kept(batch)
+    is_kept = torch.zeros_like(batch["padding_mask"], dtype=torch.bool)
+    is_kept.scatter_(1, kept.idx.clamp(max=63), kept.valid)
+    masks = (batch["text"] == tok.mask) & batch["padding_mask"].bool()
+    assert masks.any() and bool(is_kept[masks].all())
+    assert not is_kept[batch["padding_mask"] == 0].any()
+
+
+def test_random_ltd_schedule():
+    T = 512
+    assert ltd_length(0, T, 128, 100, 16) == 128
+    assert ltd_length(50, T, 128, 100, 16) == 320  # halfway, on the 16-token grid
+    assert ltd_length(51, T, 128, 100, 16) == 320 + 0  # 323.84 floors to 320
+    assert ltd_length(55, T, 128, 100, 16) == 336
+    assert ltd_length(100, T, 128, 100, 16) == T and ltd_length(10**6, T, 128, 100, 16) == T
