@@ -163,6 +163,8 @@ def parse_args(argv=None) -> RunConfig:
 def config_from_args(a) -> RunConfig:
     if a.bf16 and a.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
+    if (a.bf16 or a.fp16) and not __import__("torch").cuda.is_available():
+        raise ConfigError(f"{'--bf16' if a.bf16 else '--fp16'} needs a CUDA device; CPU runs train in fp32")
     if not a.data_path:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:

@@ -97,3 +97,31 @@ def test_head_runs_on_predicted_positions_only(demo_batch, demo_tokenizer):
     model.output_layer.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     model(**get_policy("vanilla").model_inputs(demo_batch, 0))
     assert seen == [(int(demo_batch["loss_mask"].sum()), 1, 64)]
+
+
+def test_binary_head_loss_matches_reference(demo_batch, demo_tokenizer):
+    """--bert-binary-head: token types enter the embedding; the sentence-order loss is the CE
+    of Linear(tanh(Dense(h_final[0]))) against is_random."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=64,
+                      vocab_size=demo_tokenizer.vocab_size, hidden_dropout=0.0, attention_dropout=0.0,
+                      bert_binary_head=True)
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
+    model = MLMModel(tc, get_layer_spec("local", 1)[0], cfg.padded_vocab_size(), 64, add_binary_head=True)
+    batch = dict(demo_batch)
+    batch["types"] = (torch.arange(64) >= 30).long().expand(4, 64).clone()
+    batch["is_random"] = torch.tensor([0, 1, 1, 0])
+    policy = get_policy("vanilla", binary_head=True)
+    out = model(**policy.model_inputs(batch, 0))
+
+    finals = {}
+    hook = model.encoder.final_layernorm.register_forward_hook(lambda m, i, o: finals.__setitem__("h", o))
+    model(**policy.model_inputs(batch, 0))
+    hook.remove()
+    sd = dict(model.named_parameters())
+    pooled = torch.tanh(finals["h"][0] @ sd["pooler.dense.weight"].T + sd["pooler.dense.bias"])
+    logits = pooled @ sd["binary_head.weight"].T + sd["binary_head.bias"]
+    torch.testing.assert_close(out.binary_loss, F.cross_entropy(logits, batch["is_random"], reduction="none"))
+    # the token types reach the embedding: changing them changes the MLM losses
+    batch2 = dict(batch, types=torch.zeros_like(batch["types"]))
+    assert not torch.allclose(model(**policy.model_inputs(batch2, 0)).lm_losses, out.lm_losses)

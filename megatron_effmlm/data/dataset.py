@@ -477,6 +477,13 @@ class BERTSentenceOrderDataset(BERTMaskedWordPieceDataset):
             return int(self._random_pool[numpy_random_state.randint(0, self._random_pool.size)])
         return None
 
+    def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
+        # megatron-core indexes self.indices[-1] and fails on a split with no documents (a tiny
+        # corpus's test split that training never reads): such a split has no samples.
+        if len(self.indices) == 0:
+            return numpy.zeros((0, 3), dtype=numpy.int32)
+        return super()._build_sample_index(sequence_length, min_sentences_per_sample)
+
     def _create_masked_lm_predictions(self, token_ids, target_sequence_length, numpy_random_state):
         self._num_tokens = len(token_ids)  # the unpadded length, for __getitem__ below
         return super()._create_masked_lm_predictions(token_ids, target_sequence_length, numpy_random_state)

@@ -175,9 +175,11 @@ class Trainer:
             forward_only=forward_only,
         )
 
+    EXTRA_REPORTS = ("sop loss", "full lm loss", "consistency kl")
+
     def _reduce_report(self, reports, key="lm loss") -> float:
         """Global mean of a per-token loss: sum over micro-batches and data-parallel ranks
-        on the last stage, then shared with every rank of the pipeline."""
+        on the last stage, then shared with every rank of the pipeline (nan if absent)."""
         total = torch.zeros(2, dtype=torch.float64)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for r in reports:
@@ -186,7 +188,7 @@ class Trainer:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
     def _forward_flops(self) -> float:
         """Model forward FLOPs of the global batch: every stage and DP rank, one TP rank."""
@@ -214,11 +216,13 @@ class Trainer:
         self.consumed_samples += gbs
         self.policy.after_step(self.iteration)
         loss = self._reduce_report(reports)
+        extra = {k: self._reduce_report(reports, k) for k in self.EXTRA_REPORTS}
         tokens = torch.tensor([self._batch_tokens], dtype=torch.float64)
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         flops = 3.0 * self._forward_flops()  # backward = 2x forward
         self.train_flops += flops
         return {
+            **{k.replace(" ", "_"): v for k, v in extra.items() if v == v},  # present this step
             "flops": flops,
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

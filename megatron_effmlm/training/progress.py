@@ -33,7 +33,9 @@ class Progress:
         done = iteration - self.start
         eta = elapsed / max(done, 1) * (self.total - iteration)
         fields = [f"iter {iteration:>6d}/{self.total}"]
-        fields += [f"loss {scalars['loss']:.4f}", f"lr {scalars['lr']:.3e}", f"grad norm {scalars['grad_norm']:.3f}"]
+        fields += [f"loss {scalars['loss']:.4f}"]
+        fields += [f"{k.replace('_', ' ')} {scalars[k]:.4f}" for k in ("sop_loss", "full_lm_loss", "consistency_kl") if k in scalars]
+        fields += [f"lr {scalars['lr']:.3e}", f"grad norm {scalars['grad_norm']:.3f}"]
         fields += [f"tok/s {scalars['tokens_per_s']:,.0f}"]
         if "tflops" in scalars:
             fields.append(f"TFLOP/s {scalars['tflops']:.3f}")
