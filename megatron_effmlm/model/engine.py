@@ -10,6 +10,13 @@ only when the plan changes. No state is shared between layers behind the plan's 
 
 Shapes: h is [n, b, H] (n live tokens, sequence first as in megatron-core); the full state is
 [T + 1, b, H], where row T is a bin that padded slots of ragged live sets write to.
+
+Pipeline parallelism: every stage builds the same plan from the batch, so a stage knows the
+runner's state at its first layer without being told. Between stages travels the *carry*
+(`export_carry` / `import_carry`): the live tokens, the stash rows that a later step will
+read (token dropping's dropped tokens, random-LTD's passed-over tokens, 3ML's mask vectors),
+the encoder output for 3ML-cross's decoder, and captured first-token states: nothing else,
+and no padding back to the full length.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class PlanStep:
 
     live: Optional[LiveSet] = None  # the new live set; None keeps the current one
     snapshot: bool = False  # stash := full state, before the live set changes
-    inject: bool = False  # 3ML: non-live positions take the plan's injection vectors
+    inject: bool = False  # 3ML: the injection point (non-live positions read the mask vectors from the stash)
 
 
 @dataclass
@@ -69,6 +76,43 @@ class TokenPlan:
     steps: Dict[int, PlanStep] = field(default_factory=dict)
     capture_first_token_after: tuple = ()  # layers whose position-0 output the policy needs
     decoder_context: bool = False  # 3ML-cross: decoder layers cross-attend to the encoder output
+
+    def live_before(self, layer_idx: int) -> LiveSet:
+        """The live set the layer `layer_idx` receives from the layer before it."""
+        live = self.input_live
+        for l in sorted(self.steps):
+            if l < layer_idx and self.steps[l].live is not None:
+                live = self.steps[l].live
+        return live
+
+    def stash_rows_needed(self, layer_idx: int, real: Tensor) -> Optional[LiveSet]:
+        """Positions whose stashed state a step at or after `layer_idx` will read, given the
+        live set before it; None when no later step reads the stash."""
+        live = _mask_of(self.live_before(layer_idx), real)
+        needed = torch.zeros_like(real)
+        for l in sorted(k for k in self.steps if k >= layer_idx):
+            step = self.steps[l]
+            if step.snapshot:
+                needed |= real & ~live  # copied into the new stash
+                break
+            if step.live is not None:
+                new = _mask_of(step.live, real)
+                needed |= new & ~live
+                live = new
+        return LiveSet.from_mask(needed) if bool(needed.any()) else None
+
+    def inject_layer(self) -> Optional[int]:
+        return next((l for l in sorted(self.steps) if self.steps[l].inject), None)
+
+
+def _mask_of(live: LiveSet, real: Tensor) -> Tensor:
+    """[b, T] bool: the positions of a live set (its valid slots)."""
+    if live.identity:
+        return real.clone()
+    b, T = real.shape
+    m = torch.zeros(b, T + 1, dtype=torch.bool, device=real.device)
+    m.scatter_(1, live.idx, live.valid)
+    return m[:, :T]
 
 
 def gather_live(full: Tensor, live: LiveSet) -> Tensor:
@@ -101,11 +145,12 @@ def gather_ids(x: Tensor, live: LiveSet) -> Tensor:
 class PlanRunner:
     """Executes a plan over a sequence of layers; holds the step's transient state only."""
 
-    def __init__(self, plan: TokenPlan, injection: Optional[Tensor] = None, rotary: Optional[Tensor] = None):
+    def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None):
         self.plan = plan
+        self.real = real.bool()  # [b, T] padding mask
         self.live = plan.input_live
-        self.stash: Optional[Tensor] = None
-        self.injection = injection  # [T+1, b, H] (3ML), or None
+        # The model sets 3ML's mask vectors as the initial stash: the injection step reads them.
+        self.stash: Optional[Tensor] = None  # [T+1, b, H]
         self.rotary_full = rotary  # [T+1, 1, 1, d] or None
         self.captured: Dict[int, Tensor] = {}
         self.context: Optional[Tensor] = None  # 3ML-cross: the encoder output, [n_enc, b, H]
@@ -126,7 +171,7 @@ class PlanRunner:
         if step is None:
             return h
         T = self.plan.seq_len
-        base = self.injection if step.inject else self.stash
+        base = self.stash
         if step.inject and self.plan.decoder_context:
             self.context, self.context_mask = h, self.attention_mask()
         full = to_full(h, self.live, base, T)
@@ -147,6 +192,58 @@ class PlanRunner:
             return h[position]
         slot = (self.live.idx == position).float().argmax(1)  # [b]
         return h[slot, torch.arange(h.shape[1], device=h.device)]
+
+    # ----- pipeline parallelism -----
+    def _carry_parts(self, layer_idx: int):
+        """(name, live set or row count) of what crosses the stage boundary before layer_idx."""
+        parts = [("h", self.plan.live_before(layer_idx))]
+        stash = self.plan.stash_rows_needed(layer_idx, self.real)
+        if stash is not None:
+            parts.append(("stash", stash))
+        inject = self.plan.inject_layer()
+        if self.plan.decoder_context and inject is not None and inject < layer_idx:
+            parts.append(("context", self.plan.live_before(inject)))
+        for l in self.plan.capture_first_token_after:
+            if l < layer_idx:
+                parts.append((f"captured{l}", 1))
+        return parts
+
+    def carry_rows(self, layer_idx: int) -> int:
+        return sum(p if isinstance(p, int) else p.n for _, p in self._carry_parts(layer_idx))
+
+    def export_carry(self, h: Tensor, layer_idx: int) -> Tensor:
+        """[rows, b, H]: what the next stage (starting at layer_idx) needs."""
+        out = []
+        for name, part in self._carry_parts(layer_idx):
+            if name == "h":
+                out.append(h)
+            elif name == "stash":
+                # the stashed values, also of positions that are live now (token dropping's
+                # pre-drop states of tokens that layer c just updated)
+                out.append(gather_live(self.stash, part))
+            elif name == "context":
+                out.append(self.context)
+            else:
+                out.append(self.captured[int(name[8:])].unsqueeze(0))
+        return torch.cat(out, 0)
+
+    def import_carry(self, carry: Tensor, layer_idx: int) -> Tensor:
+        """Restore the runner's state from the carry; returns the live hidden states."""
+        T, h, start = self.plan.seq_len, None, 0
+        for name, part in self._carry_parts(layer_idx):
+            n = part if isinstance(part, int) else part.n
+            rows = carry[start:start + n]
+            start += n
+            if name == "h":
+                h, self.live = rows, part
+            elif name == "stash":
+                self.stash = scatter_live(rows.new_zeros(T + 1, rows.shape[1], rows.shape[2]), rows, part)
+            elif name == "context":
+                self.context, self.context_mask = rows, (~part.valid)[:, None, None, :]
+            else:
+                self.captured[int(name[8:])] = rows[0]
+        assert start == carry.shape[0], f"carry of {carry.shape[0]} rows, plan expects {start}"
+        return h
 
     def predicted_states(self, h: Tensor, flat_idx: Tensor) -> Tensor:
         """[m, H] final states at the predicted positions (flat indices over [b, T])."""

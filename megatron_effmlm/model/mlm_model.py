@@ -93,10 +93,13 @@ class MLMModel(LanguageModule):
         # 3ML: decoder layers after the encoder and the learned [MASK] vector injected before
         # them (separate from the word embedding). Fine-tuning and export drop both.
         self.decoder = None
-        if decoder_layers:
-            assert pre_process and post_process, "3ML with pipeline parallelism: see the parallel layouts issue"
-            dec_config = dataclasses.replace(config, num_layers=decoder_layers)
+        if decoder_layers and post_process:
+            # All decoder layers sit on the last pipeline stage (after its encoder layers):
+            # built as a one-stage block so their numbering does not depend on the layout.
+            dec_config = dataclasses.replace(config, num_layers=decoder_layers, pipeline_model_parallel_size=1)
             self.decoder = TransformerBlock(config=dec_config, spec=decoder_layer_spec, pre_process=True, post_process=True)
+        if decoder_layers and pre_process:
+            # e_mask lives beside the position embedding that builds the injected vectors.
             self.mask_embedding = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=config.params_dtype))
             config.init_method(self.mask_embedding.data.view(1, -1))
         if post_process:
@@ -146,37 +149,50 @@ class MLMModel(LanguageModule):
         args = (input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random)
         if plan is None:
             plan = TokenPlan(seq_len=input_ids.shape[1], input_live=LiveSet.all_positions(padding_mask))
-        out = self._run(plan, *args)
+        plans = [plan] + ([consistency_plan] if consistency_plan is not None else [])
+        runners = [self._runner(p, padding_mask) for p in plans]
+        carries = [None] * len(plans)
+        if not self.pre_process:  # split what the previous stage sent between the passes
+            sizes = [r.carry_rows(self._first_layer_index()) for r in runners]
+            carries = list(torch.split(self.encoder.input_tensor, sizes, 0))
+        outs = [self._run(r, c, *args) for r, c in zip(runners, carries)]
+        if not self.post_process:
+            return make_viewless_tensor(torch.cat(outs, 0), requires_grad=True, keep_graph=True)
+        out = outs[0]
         if consistency_plan is not None:
-            out.consistency = self._run(consistency_plan, *args)
+            out.consistency = outs[1]
         return out
 
-    def _run(self, plan, input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random):
+    def _runner(self, plan, padding_mask) -> PlanRunner:
+        rotary = None
+        if self.position_embedding_type == "rope":
+            rotary = self.rotary_pos_emb(plan.seq_len)  # [T, 1, 1, d]
+            rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
+        return PlanRunner(plan, padding_mask, rotary=rotary)
+
+    def _first_layer_index(self) -> int:
+        return self.encoder.layers[0].layer_number - 1
+
+    def _run(self, runner, carry, input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random):
         b, T = input_ids.shape
-        live = plan.input_live
+        live = runner.plan.input_live
         if self.pre_process:
             types = gather_ids(tokentype_ids, live) if tokentype_ids is not None else None
             hidden = self.embedding(gather_ids(input_ids, live), gather_ids(position_ids, live), tokentype_ids=types)
-        else:
-            hidden = self.encoder.input_tensor  # [n, b, h] from the previous pipeline stage
-        injection = None
-        if self.decoder is not None:  # e_mask + P[pos] for every position: [T+1, b, h]
-            inj = (self.embedding.position_embeddings(position_ids) + self.mask_embedding).transpose(0, 1)
-            injection = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)
-        rotary = None
-        if self.position_embedding_type == "rope":
-            rotary = self.rotary_pos_emb(T)  # [T, 1, 1, d]
-            rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
-        runner = PlanRunner(plan, injection, rotary)
+            if hasattr(self, "mask_embedding"):  # 3ML: e_mask + P[pos] at every position, [T+1, b, h]
+                inj = (self.embedding.position_embeddings(position_ids) + self.mask_embedding).transpose(0, 1)
+                runner.stash = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)
+        else:  # [rows, b, h] from the previous pipeline stage
+            hidden = runner.import_carry(carry, self._first_layer_index())
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng:
-            hidden = self._run_block(self.encoder, 0, hidden, runner)
+            hidden = self._run_block(self.encoder.layers, self._first_layer_index(), hidden, runner)
+            if not self.post_process:
+                return runner.export_carry(hidden, self.encoder.layers[-1].layer_number)
             if self.decoder is not None:
                 hidden = self.encoder.final_layernorm(hidden)  # the encoder's output, as exported
-                hidden = self._run_block(self.decoder, self.config.num_layers, hidden, runner)
-        if not self.post_process:
-            return make_viewless_tensor(hidden, requires_grad=True, keep_graph=True)
+                hidden = self._run_block(self.decoder.layers, self.config.num_layers, hidden, runner, decoder=True)
         block = self.decoder if self.decoder is not None else self.encoder
         if block.final_layernorm is not None:
             hidden = block.final_layernorm(hidden)
@@ -198,12 +214,12 @@ class MLMModel(LanguageModule):
         if context is not None:
             self.forward_flops += b * cross_attention_flops(n, context.shape[0] * sp, c.hidden_size)
 
-    def _run_block(self, block, first_index, hidden, runner):
-        for layer in block.layers:
-            idx = first_index + layer.layer_number - 1  # global layer index
+    def _run_block(self, layers, first_index, hidden, runner, decoder=False):
+        for i, layer in enumerate(layers):
+            idx = first_index + i  # global layer index: encoder 0..L-1, then the decoder
             hidden = runner.before_layer(idx, hidden)
             cross = {}
-            if runner.context is not None and block is self.decoder:
+            if decoder and runner.context is not None:
                 cross = dict(context=runner.context, context_mask=runner.context_mask)
             hidden, _ = layer(hidden_states=hidden, attention_mask=runner.attention_mask(),
                               rotary_pos_emb=runner.rotary(), **cross)
