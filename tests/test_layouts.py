@@ -18,7 +18,15 @@ METHODS = {
     "sctd": ["--method", "sctd", "--sctd-interval", "2"],
     "random-ltd": ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "8"],
 }
-METHOD_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "dp2": []}
+METHOD_LAYOUTS = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "dp2": [],
+    "pp2": ["--pipeline-model-parallel-size", "2"],  # token dropping: drop and restore on stage 2; 3ML: injection mid-stage
+}
+METHOD_LAYOUTS_4 = {  # 4 processes
+    "pp4": ["--pipeline-model-parallel-size", "4"],  # one layer per stage: drop and restore on different stages
+    "tp2pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+}
 LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -79,17 +87,26 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     tmp = tmp_path_factory.mktemp("method_layouts")
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
                            **{"--num-layers": 4})
-    refs, scen = {}, {}
-    for m, margs in METHODS.items():
+    refs, scen, scen4 = {}, {}, {}
+    for m, margs in dict(METHODS, vanilla=[]).items():
         init = str(tmp / f"init_{m}")
         refs[m] = {"args": base + margs, "steps": STEPS, "save_init": init}
         for lay, largs in METHOD_LAYOUTS.items():
-            scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
-    return _run(tmp, 1, refs, "method_refs"), _run(tmp, 2, scen, "method_layouts")
+            if m != "vanilla":
+                scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
+        for lay, largs in METHOD_LAYOUTS_4.items():
+            scen4[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
+    ref_results = _run(tmp, 1, refs, "method_refs")  # also writes the init checkpoints
+    results = _run(tmp, 2, scen, "method_layouts")
+    results.update(_run(tmp, 4, scen4, "method_layouts_4"))
+    return ref_results, results
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("layout", list(METHOD_LAYOUTS))
+CASES = [(m, lay) for m in METHODS for lay in METHOD_LAYOUTS] + \
+    [(m, lay) for m in list(METHODS) + ["vanilla"] for lay in METHOD_LAYOUTS_4]
+
+
+@pytest.mark.parametrize("method,layout", CASES, ids=[f"{m}-{l}" for m, l in CASES])
 def test_method_layout_equals_single_process(method_results, method, layout):
     refs, results = method_results
     ref, got = refs[method]["steps"], results[f"{method}/{layout}"]["steps"]
