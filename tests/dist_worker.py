@@ -33,6 +33,52 @@ def gathered_grads(model):
     return out
 
 
+SEND_LOG = {"current": None, "patched": False}
+
+
+def count_p2p_sends(log):
+    """Record the float tensors megatron-core's p2p layer sends to the next pipeline stage
+    (shape-exchange tensors are int64 and are skipped) into `log` (patched once per process)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    SEND_LOG["current"] = log
+    if SEND_LOG["patched"]:
+        return
+    SEND_LOG["patched"] = True
+    orig_op, orig_isend = dist.P2POp, dist.isend
+
+    def record(tensor, peer):
+        if SEND_LOG["current"] is not None and tensor.is_floating_point() and \
+                not ps.is_pipeline_last_stage() and peer == ps.get_pipeline_model_parallel_next_rank():
+            SEND_LOG["current"].append(list(tensor.shape))
+
+    def p2p_op(op, tensor, peer=None, group=None, tag=0, group_peer=None):
+        if op in (orig_isend, isend):
+            record(tensor, peer)
+            op = orig_isend
+        return orig_op(op, tensor, peer, group, tag)
+
+    def isend(tensor, dst=None, group=None, tag=0, **kw):
+        record(tensor, dst)
+        return orig_isend(tensor, dst, group, tag, **kw)
+
+    dist.P2POp, dist.isend = p2p_op, isend
+
+
+def batch_stats(trainer, log, mask_id):
+    """Per micro-batch: real tokens and [MASK] inputs of each row (for expected carry sizes)."""
+    orig = trainer.policy.model_inputs
+
+    def wrapped(batch, step):
+        log.append({"real": batch["padding_mask"].sum(1).tolist(),
+                    "masks": ((batch["text"] == mask_id) & (batch["padding_mask"] == 1)).sum(1).tolist(),
+                    "seq": batch["text"].shape[1], "b": batch["text"].shape[0]})
+        return orig(batch, step)
+
+    trainer.policy.model_inputs = wrapped
+
+
 def run_scenario(common, sc):
     import torch.distributed as dist
 
@@ -45,6 +91,10 @@ def run_scenario(common, sc):
     if sc.get("save_init"):
         cfg.train.save = sc["save_init"]
         trainer.save()
+    sends, stats = [], []
+    if sc.get("count_p2p"):
+        count_p2p_sends(sends)
+        batch_stats(trainer, stats, trainer.tokenizer.mask)
     it = trainer.data_iterator(trainer.datasets[0], trainer.consumed_samples)
     steps, grads = [], None
     for k in range(sc.get("steps", 3)):
@@ -55,7 +105,8 @@ def run_scenario(common, sc):
     if sc.get("save_final"):
         cfg.train.save = sc["save_final"]
         trainer.save()
-    result = {"steps": steps}
+    SEND_LOG["current"] = None
+    result = {"steps": steps, "sends": sends, "batch_stats": stats}
     if grads is not None and dist.get_rank() == 0:
         result["grads"] = grads
     destroy_model_parallel()

@@ -137,3 +137,44 @@ def test_training_moves_the_loss(layout_results):
     ref, _ = layout_results
     losses = [s["loss"] for s in ref["steps"]]
     assert len(set(losses)) == len(losses)
+
+
+@pytest.fixture(scope="module")
+def p2p_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    tmp = tmp_path_factory.mktemp("p2p")
+    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
+                           **{"--num-layers": 4, "--pipeline-model-parallel-size": 2})
+    scen = {m: {"args": base + a, "steps": STEPS, "count_p2p": True} for m, a in dict(METHODS, vanilla=[]).items()}
+    return _run(tmp, 2, scen, "p2p")
+
+
+def _expected_rows(method, st, step):
+    """Rows stage 1 must receive before layer 2 of 4 (the carry), from the batch alone."""
+    T, real, masks = st["seq"], st["real"], st["masks"]
+    dropped = max(n - int(round(0.5 * n)) for n in real)  # token dropping keeps round(n / 2)
+    if method == "vanilla":
+        return T
+    if method in ("3ml", "3ml-cross"):  # kept tokens + the mask vectors that enter later
+        return max(n - m for n, m in zip(real, masks)) + max(masks)
+    if method == "token-drop":  # all tokens (the drop is at layer 2) + the pre-drop states
+        return T + dropped
+    if method == "sctd":  # the dropped pass, and on consistency steps (every 2nd) the full one
+        return T + dropped + (T if step % 2 == 0 else 0)
+    if method == "random-ltd":  # layer 1's 16 tokens + the tokens that passed it by
+        keep = [min(16, n) for n in real]
+        return max(keep) + max(n - k for n, k in zip(real, keep))
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", list(METHODS) + ["vanilla"])
+def test_pipeline_sends_only_the_carry(p2p_results, method):
+    """The bytes sent from stage 1 to stage 2 per micro-batch are the carry's rows x micro-batch
+    x hidden x 4 bytes: no padding back to the full length."""
+    r = p2p_results[method]
+    stats, sends = r["batch_stats"], r["sends"]
+    assert len(sends) == len(stats) == STEPS * 4  # 4 micro-batches a step
+    for k, (shape, st) in enumerate(zip(sends, stats)):
+        rows = _expected_rows(method, st, step=k // 4)
+        assert shape == [rows, 2, 64], (method, k, shape, rows, st)
+    if method in ("3ml", "3ml-cross", "random-ltd"):
+        assert all(s[0] <= 64 for s in sends)
