@@ -8,19 +8,20 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 DATA=data/demo
 OUT=${OUT:-runs/demo}
-ITERS=${ITERS:-250}
+ITERS=${ITERS:-150}
+COMPARE_STEPS=${COMPARE_STEPS:-30}
 
-echo "== 1/4 demo corpus"
+echo "== 1/5 demo corpus"
 $PY -m megatron_effmlm.data.demo_corpus --data-dir data
-echo "== 2/4 tokenizer (WordPiece, vocab 8192)"
+echo "== 2/5 tokenizer (WordPiece, vocab 8192)"
 [ -f $DATA/tokenizer/effmlm_tokenizer.json ] || \
   $PY tools/train_tokenizer.py --input $DATA/wiki.jsonl --tokenizer-type wordpiece --vocab-size 8192 \
       --lowercase --output-dir $DATA/tokenizer
-echo "== 3/4 preprocess (sentence split, .bin/.idx)"
+echo "== 3/5 preprocess (sentence split, .bin/.idx)"
 [ -f $DATA/wiki_text_sentence.idx ] || \
   $PY tools/preprocess_data.py --input $DATA/wiki.jsonl --tokenizer-dir $DATA/tokenizer \
       --output-prefix $DATA/wiki --split-sentences --workers 2
-echo "== 4/4 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel)"
+echo "== 4/5 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel)"
 rm -rf "$OUT"
 $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
   --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer --split 98,2,0 \
@@ -28,8 +29,12 @@ $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
   --micro-batch-size 16 --global-batch-size 32 --train-iters "$ITERS" \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 \
   --log-interval 10 --eval-interval 50 --eval-iters 4 \
-  --save "$OUT/ckpt" --save-interval 125 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png"
+  --save "$OUT/ckpt" --save-interval 75 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png"
+echo "== 5/5 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each)"
+$PY scripts/compare_methods.py --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer \
+  --out "$OUT/compare" --budget-vanilla-steps "$COMPARE_STEPS"
 echo
 echo "checkpoint:   $OUT/ckpt (latest: $(cat $OUT/ckpt/latest_checkpointed_iteration.txt))"
 echo "tensorboard:  $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboard)"
 echo "loss curve:   $OUT/loss.png"
+echo "methods:      $OUT/compare/methods_loss_vs_flops.png"
