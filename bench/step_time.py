@@ -1,0 +1,662 @@
+"""Training-step time and activation memory of every method, side by side, against
+megatron-core's own BertModel (the Megatron-LM baseline: LM head on every position).
+
+    python bench/step_time.py            # default: 12 layers, T = 512, d = 256 (< 10 min on 2 CPU cores)
+    python bench/step_time.py --quick    # tiny: 4 layers, T = 128 (about a minute)
+    python bench/step_time.py --mode memory   # only the activation-memory part
+
+One process, world size 1 (gloo on CPU, NCCL on a GPU), fp32. Every method gets its own model
+(same seed, same initial weights where the shapes agree) and its own megatron-core optimizer
+(`get_megatron_optimizer`, adam: torch AdamW on CPU, FusedAdam where Apex/TE exist), wrapped
+in megatron-core DDP, and runs megatron-core's forward/backward schedule exactly as
+`training/loop.py` does. A timed step = zero grads + forward + backward + finalize grads +
+optimizer step + the policy's after_step (token dropping's importance update), on the same
+real batches from the demo Wikipedia corpus. Methods run interleaved in rounds (A B C ... A B C),
+warm-up rounds first; the median per method is reported.
+
+Memory: one forward per method under `torch.autograd.graph.saved_tensors_hooks`, summing the
+bytes of the distinct storages saved for backward (parameters excluded); on CUDA also the
+peak of `torch.cuda.max_memory_allocated` over a whole step above the static state.
+
+Results: bench/results/step_time_<device>.{json,md,png}. Targets are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from functools import partial
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+# The methods in table order. "sctd" is ScTD's plain (token-dropping) step, "sctd-consistency"
+# its every-F-th step with the second, full pass; "megatron-bert" is the baseline.
+ALL_METHODS = ["vanilla", "3ml", "token-drop", "sctd", "sctd-consistency", "random-ltd", "megatron-bert"]
+BASELINE = "megatron-bert"
+# Step-time targets, as fractions of the baseline's step time.
+TARGETS = {"vanilla": 0.80, "3ml": 0.65, "token-drop": 0.63}
+FLOP_TOLERANCE = 0.08  # |measured / predicted - 1| <= 8%
+# RoBERTa-base, for --vocab auto: the LM head's share of the FLOPs is kept at base's.
+ROBERTA_BASE = dict(num_layers=12, d=768, vocab=50265, seq_len=512)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny config: 4 layers, T=128, d=128, 2 warm-up + 4 timed rounds")
+    p.add_argument("--mode", choices=["all", "time", "memory"], default="all")
+    p.add_argument("--num-layers", type=int, default=None, help="12 (quick: 4)")
+    p.add_argument("--hidden-size", type=int, default=None, help="256 (quick: 128)")
+    p.add_argument("--num-attention-heads", type=int, default=None, help="4 (quick: 2)")
+    p.add_argument("--seq-length", type=int, default=None, help="512 (quick: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="2 (quick: 4)")
+    p.add_argument("--vocab", default="auto",
+                   help="model vocabulary (>= the tokenizer's; padded to a multiple of 128). 'auto': chosen so "
+                        "the LM head's share of the step FLOPs equals RoBERTa-base's (d=768, V=50265, L=12, T=512)")
+    p.add_argument("--tokenizer-vocab", type=int, default=8192, help="WordPiece vocabulary trained on the demo corpus")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (2)")
+    p.add_argument("--steps", type=int, default=None, help="timed rounds, i.e. timed steps per method (10; quick: 4)")
+    p.add_argument("--num-batches", type=int, default=4, help="distinct real batches, cycled")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (the baseline is always added)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
+    p.add_argument("--decoder-layers", type=int, default=2, help="3ml decoder layers")
+    p.add_argument("--td-keep-ratio", type=float, default=0.5)
+    p.add_argument("--sctd-interval", type=int, default=10)
+    p.add_argument("--ltd-start", type=int, default=None, help="random-ltd kept length (its schedule's start; default 64, quick 16)")
+    p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="layer spec of our models (the baseline always uses bert_layer_local_spec)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "data", "bench"))
+    p.add_argument("--results-dir", default=os.path.join(REPO_ROOT, "bench", "results"))
+    p.add_argument("--tag", default=None, help="results file suffix (default: the device name, e.g. cpu)")
+    a = p.parse_args(argv)
+    q = a.quick
+    defaults = dict(num_layers=(4, 12), hidden_size=(128, 256), num_attention_heads=(2, 4), seq_length=(128, 512),
+                    micro_batch_size=(4, 2), warmup=(2, 2), steps=(4, 10), ltd_start=(16, 64))
+    for k, (quick, full) in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, quick if q else full)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; choose from {ALL_METHODS}")
+    if BASELINE not in methods:
+        methods.append(BASELINE)
+    a.methods = [m for m in ALL_METHODS if m in methods]
+    return a
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_tag() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).lower()
+        for key in ("h200", "h100", "a100", "l40", "a10", "v100", "t4"):
+            if key in name:
+                return key
+        return "cuda"
+    return "cpu"
+
+
+def auto_vocab(num_layers: int, d: int, seq_len: int) -> int:
+    """The vocabulary whose LM head costs the same share of a head-on-all step as RoBERTa-base's."""
+    from megatron_effmlm.training.flops import head_flops, layer_flops
+
+    rb = ROBERTA_BASE
+    share = head_flops(1, rb["d"], rb["vocab"]) / (
+        rb["num_layers"] * layer_flops(rb["seq_len"], rb["d"], 4 * rb["d"]) / rb["seq_len"])
+    per_token_layers = num_layers * layer_flops(seq_len, d, 4 * d) / seq_len
+    v = share * per_token_layers / (2 * d) - d
+    return int(round(v / 128)) * 128
+
+
+def git_state():
+    """The commit the library was imported from, and its uncommitted library changes (if any)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    if not commit:  # not a checkout (e.g. a `git archive` export): say which commit it was, if told
+        return {"commit": os.environ.get("BENCH_SOURCE_COMMIT", "unknown (not a git checkout)"), "dirty_library_files": []}
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "megatron_effmlm").splitlines()]
+    return {"commit": commit, "dirty_library_files": dirty}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_data(a, log):
+    """Tokenizer + .bin/.idx of the demo corpus under data/bench (reused when present), and the
+    real batches: vanilla's (0.15, 80/10/10) and 3ML's (0.5, all [MASK]), same samples."""
+    from megatron_effmlm.data.batches import make_data_iterator
+    from megatron_effmlm.data.dataset import build_train_valid_test_datasets
+    from megatron_effmlm.data.demo_corpus import DUMP_NAME, get_demo_corpus
+    from megatron_effmlm.data.jsonl import iter_jsonl
+    from megatron_effmlm.data.preprocess import output_prefix_for, preprocess
+    from megatron_effmlm.data.tokenizer import META_FILE, EffMLMTokenizer, train_tokenizer
+
+    os.makedirs(a.data_dir, exist_ok=True)
+    # Reuse the demo dump the project may already hold (data/cache) instead of downloading it again.
+    shared_dump = os.path.join(REPO_ROOT, "data", "cache", DUMP_NAME)
+    own_dump = os.path.join(a.data_dir, "cache", DUMP_NAME)
+    if not os.path.isfile(own_dump) and os.path.isfile(shared_dump):
+        os.makedirs(os.path.dirname(own_dump), exist_ok=True)
+        shutil.copyfile(shared_dump, own_dump + ".tmp")
+        os.replace(own_dump + ".tmp", own_dump)
+    jsonl = get_demo_corpus(a.data_dir)
+
+    tok_dir = os.path.join(a.data_dir, f"tokenizer_wordpiece_{a.tokenizer_vocab}")
+    if not os.path.isfile(os.path.join(tok_dir, META_FILE)):
+        log(f"training a WordPiece tokenizer ({a.tokenizer_vocab}) on {jsonl}")
+        tmp = f"{tok_dir}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        texts = (values[0] for _, _, values in iter_jsonl([jsonl], ["text"]))
+        train_tokenizer(texts, "wordpiece", a.tokenizer_vocab, tmp, lowercase=True)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp, tok_dir)
+    tok = EffMLMTokenizer.from_dir(tok_dir)
+
+    base = os.path.join(a.data_dir, f"wiki_wp{a.tokenizer_vocab}")
+    prefix = output_prefix_for(base, "text", split_sentences=True)
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+        log(f"preprocessing {jsonl} -> {prefix}.bin/.idx")
+        preprocess(jsonl, base, tok_dir, split_sentences=True, workers=2, log_interval=0,
+                   punkt_cache=os.path.join(a.data_dir, "punkt.json"))
+
+    n = a.micro_batch_size * a.num_batches
+    batches = {}
+    for key, prob, m8 in (("vanilla", 0.15, True), ("3ml", 0.5, False)):
+        train, _, _ = build_train_valid_test_datasets(
+            [prefix], tokenizer=tok, seq_length=a.seq_length, split="100,0,0", seed=a.seed,
+            train_samples=n, valid_samples=None, test_samples=None, masking_probability=prob,
+            mask_80_10_10=m8, cache_dir=os.path.join(a.data_dir, "index_cache"),
+        )
+        it = make_data_iterator(train, 0, a.micro_batch_size)
+        batches[key] = [next(it) for _ in range(a.num_batches)]
+    # Same samples, different masking.
+    for b1, b2 in zip(batches["vanilla"], batches["3ml"]):
+        assert torch.equal(b1["padding_mask"], b2["padding_mask"])
+    return tok, batches
+
+
+# ----------------------------------------------------------------------------- models and steps
+
+class Runner:
+    """One method: its model (DDP-wrapped), optimizer, policy, batches and step index."""
+
+    def __init__(self, name, model, optimizer, batches, policy=None, step_index=None):
+        self.name, self.model, self.optimizer, self.batches, self.policy = name, model, optimizer, batches, policy
+        self.step_index = step_index  # fixed step number handed to the policy, or None: the running count
+        self.calls = 0
+        self.times = []
+        self.opt_times = []  # the optimizer step (+ after_step) part of each timed step
+        self.last_loss = float("nan")
+        self.forward_flops = []  # the engine's FLOP count of each forward (our models only)
+
+    def policy_step(self):
+        return self.calls if self.step_index is None else self.step_index
+
+    def next_batch(self):
+        return self.batches[self.calls % len(self.batches)]
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        if self.policy is None:  # megatron-core BertModel, Megatron-LM's pretrain_bert loss
+            lm_loss, _ = model(batch["text"], batch["padding_mask"], lm_labels=batch["labels"])
+
+            def loss_func(output):
+                mask = batch["loss_mask"].reshape(-1).float()
+                n = batch["loss_mask"].sum().to(torch.int)
+                total = (output.float().reshape(-1) * mask).sum()
+                return total, n, {"lm loss": torch.stack([total.detach(), n.float()])}
+
+            return lm_loss, loss_func
+        out = model(**self.policy.model_inputs(batch, self.policy_step()))
+        return out, self.policy.loss
+
+    def step(self):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_effmlm.model.builder import unwrap
+
+        batch = self.next_batch()
+        inner = unwrap(self.model)
+        if hasattr(inner, "forward_flops"):
+            inner.forward_flops = 0.0
+        sync()
+        t0 = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=iter([batch]), model=[self.model],
+            num_microbatches=1, seq_length=batch["text"].shape[1], micro_batch_size=batch["text"].shape[0],
+            forward_only=False,
+        )
+        sync()
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        if self.policy is not None:
+            self.policy.after_step(self.calls + 1)
+        sync()
+        dt = time.perf_counter() - t0
+        self.last_opt = time.perf_counter() - t1
+        if hasattr(inner, "forward_flops"):
+            self.forward_flops.append(inner.forward_flops)
+        r = reports[0]["lm loss"]
+        self.last_loss = float(r[0] / r[1])
+        self.calls += 1
+        return dt
+
+
+def build_runners(a, tok, batches, log):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+    from megatron.core.models.bert.bert_model import BertModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.parallel.init import set_seed
+    from megatron_effmlm.plans import get_policy
+
+    par, prec = ParallelConfig(), PrecisionConfig()
+    runners = []
+    for name in a.methods:
+        set_seed(a.seed)  # the same initial weights for every model (where the shapes agree)
+        decoder = a.decoder_layers if name == "3ml" else 0
+        mcfg = ModelConfig(
+            num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+            seq_length=a.seq_length, vocab_size=a.model_vocab, hidden_dropout=a.dropout,
+            attention_dropout=a.dropout, transformer_impl=a.transformer_impl, decoder_layers=decoder,
+        )
+        tconfig = build_transformer_config(mcfg, par, prec)
+        if name == BASELINE:
+            bert = BertModel(
+                config=tconfig, num_tokentypes=0, transformer_layer_spec=bert_layer_local_spec,
+                vocab_size=mcfg.padded_vocab_size(), max_sequence_length=mcfg.max_position_embeddings,
+                pre_process=True, post_process=True, share_embeddings_and_output_weights=True,
+                parallel_output=True, add_binary_head=False,
+            )
+            if torch.cuda.is_available():
+                bert.cuda()
+            for p in bert.parameters():
+                if not hasattr(p, "tensor_model_parallel"):
+                    p.tensor_model_parallel = False
+            ddp_config = DistributedDataParallelConfig(  # as megatron_effmlm.model.builder
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
+                check_for_nan_in_grad=False)
+            model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=bert)
+            model.broadcast_params()
+        else:
+            model = build_model(mcfg, par, tconfig)[0]
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
+                            params_dtype=torch.float32),
+            [model],
+        )
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.grad_scale_func = optimizer.scale_loss
+        tconfig.no_sync_func = model.no_sync
+
+        policy, step_index = None, None
+        if name != BASELINE:
+            method = "sctd" if name.startswith("sctd") else name
+            opts = {
+                "3ml": dict(decoder_layers=a.decoder_layers),
+                "token-drop": dict(td_keep_ratio=a.td_keep_ratio),
+                "sctd": dict(td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval),
+                "random-ltd": dict(ltd_start=a.ltd_start),
+            }.get(method, {})
+            policy = get_policy(method, tokenizer=tok, num_layers=a.num_layers, seed=a.seed, **opts)
+            if name == "sctd":
+                step_index = 1  # never a multiple of the interval: a plain token-dropping step
+            elif name == "sctd-consistency":
+                step_index = 0  # a multiple of the interval: the consistency step (two passes)
+            elif name == "random-ltd":
+                step_index = 0  # the schedule's start: ltd_start kept tokens per middle layer
+        data = batches["3ml" if name == "3ml" else "vanilla"]
+        if torch.cuda.is_available():
+            data = [{k: v.cuda() for k, v in b.items()} for b in data]
+        runners.append(Runner(name, model, optimizer, data, policy, step_index))
+        nparams = sum(p.numel() for p in model.parameters())
+        log(f"built {name:17s} {nparams / 1e6:7.2f}M parameters")
+    return runners
+
+
+# ----------------------------------------------------------------------------- memory
+
+def saved_activation_bytes(runner) -> int:
+    """Bytes of the distinct storages saved for backward during one training forward
+    (parameters excluded), then a backward to release them."""
+    model = runner.model
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr not in param_ptrs and ptr not in seen:
+                seen[ptr] = s.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or opaque tensors
+            pass
+        return t
+
+    batch = runner.next_batch()
+    model.zero_grad_buffer()
+    runner.optimizer.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, loss_func = runner.forward_step(iter([batch]), model)
+        total, n, _ = loss_func(out)
+    (total / n).backward()
+    model.zero_grad_buffer()
+    runner.optimizer.zero_grad()
+    return sum(seen.values())
+
+
+def cuda_peak_bytes(runner):
+    """Peak allocated bytes over one whole step above what was allocated before it (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    runner.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# ----------------------------------------------------------------------------- predictions
+
+def predicted_flops(a, name):
+    """Training FLOPs per sequence by the FLOP model (METHODS.md), the method's own parameters."""
+    from megatron_effmlm.training.flops import predicted_step_flops
+
+    kw = dict(seq_len=a.seq_length, num_layers=a.num_layers, d=a.hidden_size, f=4 * a.hidden_size,
+              vocab=a.model_vocab_padded, decoder_layers=a.decoder_layers, keep_ratio=a.td_keep_ratio)
+    if name == BASELINE:
+        return predicted_step_flops("megatron-bert", mask_prob=0.15, head_on_all=True, **kw)
+    if name == "3ml":
+        return predicted_step_flops("3ml", mask_prob=0.5, **kw)
+    if name == "sctd-consistency":  # the dropped pass + the full pass, each with its head
+        return predicted_step_flops("sctd", mask_prob=0.15, **kw) + predicted_step_flops("vanilla", mask_prob=0.15, **kw)
+    if name == "random-ltd":
+        return predicted_step_flops("random-ltd", mask_prob=0.15, ltd_len=a.ltd_len, **kw)
+    return predicted_step_flops(name, mask_prob=0.15, **kw)
+
+
+def baseline_counted_flops(batches, a):
+    """The engine's way of counting, applied to BertModel: every layer and the head on all T."""
+    from megatron_effmlm.training.flops import head_flops, layer_flops
+
+    b, T = batches[0]["text"].shape
+    return a.num_layers * b * layer_flops(T, a.hidden_size, 4 * a.hidden_size) + head_flops(b * T, a.hidden_size, a.model_vocab_padded)
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_outputs(a, res, log):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(a.results_dir, exist_ok=True)
+    stem = os.path.join(a.results_dir, f"step_time_{a.tag}")
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    with open(stem + ".md.tmp", "w") as f:
+        f.write(markdown_table(res))
+    os.replace(stem + ".md.tmp", stem + ".md")
+
+    rows = res["methods"]
+    names = [r["method"] for r in rows]
+    have_time = any(r.get("ratio_to_baseline") is not None for r in rows)
+    have_mem = any(r.get("saved_bytes") is not None for r in rows)
+    panels = [p for p, ok in (("time", have_time), ("mem", have_mem)) if ok]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), squeeze=False)
+    x = list(range(len(names)))
+    w = 0.38
+    for ax, panel in zip(axes[0], panels):
+        if panel == "time":
+            meas = [r.get("ratio_to_baseline") or 0 for r in rows]
+            pred = [r.get("predicted_ratio") or 0 for r in rows]
+            b1 = ax.bar([i - w / 2 for i in x], meas, w, label="measured step time", color="#3b75af")
+            ax.bar([i + w / 2 for i in x], pred, w, label="FLOP-model prediction", color="#bbbbbb")
+            for i, r in enumerate(rows):
+                t = TARGETS.get(r["method"])
+                if t:
+                    ax.hlines(t, i - 0.45, i + 0.45, colors="#c0392b", linestyles="--", lw=1.2,
+                              label="target" if r["method"] == "vanilla" else None)
+            ax.bar_label(b1, fmt="%.2f", fontsize=7)
+            ax.set_ylabel(f"step time / {BASELINE}")
+            ax.set_title("step time (fwd + bwd + optimizer), ratio to BertModel")
+        else:
+            base = [r.get("saved_ratio_to_baseline") or 0 for r in rows]
+            van = [r.get("saved_ratio_to_vanilla") or 0 for r in rows]
+            b1 = ax.bar([i - w / 2 for i in x], base, w, label="/ megatron-bert", color="#6a9f58")
+            b2 = ax.bar([i + w / 2 for i in x], van, w, label="/ vanilla", color="#a8d08d")
+            ax.bar_label(b1, fmt="%.2f", fontsize=7)
+            ax.bar_label(b2, fmt="%.2f", fontsize=7)
+            ax.set_ylabel("saved-for-backward bytes ratio")
+            ax.set_title(f"activation memory (saved tensors), T = {a.seq_length}")
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7)
+    c = res["config"]
+    fig.suptitle(f"{res['device']}  |  L={c['num_layers']} d={c['hidden_size']} T={c['seq_length']} "
+                 f"b={c['micro_batch_size']} V={c['model_vocab_padded']} fp32  |  {res['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png.tmp.png", dpi=120)
+    os.replace(stem + ".png.tmp.png", stem + ".png")
+    plt.close(fig)
+    return [stem + ext for ext in (".json", ".md", ".png")]
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def yes_no(v):
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def markdown_table(res):
+    c = res["config"]
+    lines = [
+        f"Device: {res['device']}; date: {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
+        f"Config: L={c['num_layers']}, d={c['hidden_size']}, heads={c['num_attention_heads']}, T={c['seq_length']}, "
+        f"micro-batch {c['micro_batch_size']}, model vocab {c['model_vocab_padded']} (tokenizer {c['tokenizer_vocab']}), "
+        f"dropout {c['dropout']}, fp32, optimizer {c['optimizer']}; {c['warmup']} warm-up + {c['steps']} timed rounds "
+        f"over {c['num_batches']} real batches; random-ltd at {c['ltd_len']} kept tokens; 3ml decoder {c['decoder_layers']}.",
+        "",
+        "| method | median step (s) | of which optimizer (s) | / megatron-bert | (minima) | FLOP-predicted | measured / predicted | target | target held | within 8% of FLOP model | saved activations (MiB) | mem / vanilla | mem / megatron-bert | CUDA peak (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|---:|---:|",
+    ]
+    for r in res["methods"]:
+        mib = None if r.get("saved_bytes") is None else r["saved_bytes"] / 2**20
+        cuda = None if r.get("cuda_peak_bytes") is None else r["cuda_peak_bytes"] / 2**20
+        lines.append(
+            f"| {r['method']} | {fmt(r.get('median_s'), '.3f')} | {fmt(r.get('median_optimizer_s'), '.3f')} "
+            f"| {fmt(r.get('ratio_to_baseline'), '.3f')} "
+            f"| {fmt(r.get('ratio_of_minima'), '.3f')} "
+            f"| {fmt(r.get('predicted_ratio'), '.3f')} | {fmt(r.get('measured_over_predicted'), '.3f')} "
+            f"| {fmt(r.get('target'), '.2f')} | {yes_no(r.get('target_held'))} | {yes_no(r.get('within_flop_tolerance'))} "
+            f"| {fmt(mib, '.1f')} | {fmt(r.get('saved_ratio_to_vanilla'), '.3f')} "
+            f"| {fmt(r.get('saved_ratio_to_baseline'), '.3f')} | {fmt(cuda, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    a = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    from megatron_effmlm.parallel.init import initialize_distributed
+    from megatron_effmlm.plans.random_ltd import ltd_length
+
+    initialize_distributed(1, 1, None, a.seed)
+    tok, batches = build_data(a, log)
+    a.model_vocab = auto_vocab(a.num_layers, a.hidden_size, a.seq_length) if a.vocab == "auto" else int(a.vocab)
+    a.model_vocab = max(a.model_vocab, tok.vocab_size)
+    a.model_vocab_padded = ((a.model_vocab + 127) // 128) * 128
+    a.ltd_len = ltd_length(0, a.seq_length, a.ltd_start, 1000, 16)
+    a.tag = a.tag or device_tag()
+    real = float(torch.stack([b["padding_mask"].float().mean() for b in batches["vanilla"]]).mean())
+    masked = {k: float(sum(int(b["loss_mask"].sum()) for b in v) / sum(int(b["padding_mask"].sum()) for b in v))
+              for k, v in batches.items()}
+    log(f"device: {device_name()}")
+    log(f"config: L={a.num_layers} d={a.hidden_size} heads={a.num_attention_heads} T={a.seq_length} "
+        f"b={a.micro_batch_size} vocab={a.model_vocab_padded} (tokenizer {tok.vocab_size}) | "
+        f"{a.num_batches} real batches, {100 * real:.1f}% real tokens, predicted fraction "
+        f"vanilla {masked['vanilla']:.3f} / 3ml {masked['3ml']:.3f}")
+    runners = build_runners(a, tok, batches, log)
+
+    loads = []  # 1-minute load average after each timed round (other processes on the machine)
+    if a.mode in ("all", "time"):
+        total_rounds = a.warmup + a.steps
+        for rnd in range(total_rounds):
+            line = []
+            for r in runners:
+                dt = r.step()
+                if rnd >= a.warmup:
+                    r.times.append(dt)
+                    r.opt_times.append(r.last_opt)
+                line.append(f"{r.name} {dt:.2f}")
+            load = os.getloadavg()[0]
+            if rnd >= a.warmup:
+                loads.append(load)
+            log(f"round {rnd + 1}/{total_rounds}{' (warm-up)' if rnd < a.warmup else ''}: " + ", ".join(line)
+                + f" | load {load:.1f}")
+        if loads and max(loads) > (os.cpu_count() or 1) + 1:
+            log(f"WARNING: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} cores during the "
+                "timed rounds: other processes competed for the CPU; the medians are noisier than usual")
+
+    mem = {}
+    if a.mode in ("all", "memory"):
+        for r in runners:
+            mem[r.name] = (saved_activation_bytes(r), cuda_peak_bytes(r))
+            log(f"memory {r.name:17s} saved-for-backward {mem[r.name][0] / 2**20:8.1f} MiB")
+
+    by_name = {r.name: r for r in runners}
+    base_r = by_name[BASELINE]
+    base_med = statistics.median(base_r.times) if base_r.times else None
+    base_min = min(base_r.times) if base_r.times else None
+    base_pred = predicted_flops(a, BASELINE)
+    base_counted = baseline_counted_flops(base_r.batches, a)
+    van_saved = mem.get("vanilla", (None,))[0]
+    base_saved = mem.get(BASELINE, (None,))[0]
+    rows = []
+    for r in runners:
+        row = {"method": r.name}
+        pred = predicted_flops(a, r.name) / base_pred
+        row["predicted_ratio"] = pred
+        row["predicted_step_flops_per_seq"] = predicted_flops(a, r.name)
+        if r.forward_flops:
+            row["engine_counted_ratio"] = statistics.median(r.forward_flops) / base_counted
+        if r.times:
+            med = statistics.median(r.times)
+            ratio = med / base_med
+            row.update(median_s=med, min_s=min(r.times), median_optimizer_s=statistics.median(r.opt_times), times_s=r.times, ratio_to_baseline=ratio,
+                       ratio_of_minima=min(r.times) / base_min,
+                       # per round: this method's time over the baseline's in the same round
+                       paired_ratio_median=statistics.median(t / tb for t, tb in zip(r.times, base_r.times)),
+                       measured_over_predicted=ratio / pred,
+                       within_flop_tolerance=abs(ratio / pred - 1) <= FLOP_TOLERANCE,
+                       last_loss=r.last_loss)
+            if r.name in TARGETS:
+                row.update(target=TARGETS[r.name], target_held=ratio <= TARGETS[r.name])
+        if r.name in mem:
+            saved, cuda = mem[r.name]
+            row.update(saved_bytes=saved, cuda_peak_bytes=cuda,
+                       saved_ratio_to_vanilla=saved / van_saved if van_saved else None,
+                       saved_ratio_to_baseline=saved / base_saved if base_saved else None)
+        rows.append(row)
+
+    try:
+        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        date = datetime.datetime.now().isoformat()
+    import megatron.core
+
+    res = {
+        "device": device_name(), "device_tag": a.tag, "date": date, "torch": torch.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "?"),
+        "git": git_state(),
+        "command": " ".join(["python", "bench/step_time.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": dict(num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+                       seq_length=a.seq_length, micro_batch_size=a.micro_batch_size, model_vocab=a.model_vocab,
+                       model_vocab_padded=a.model_vocab_padded, tokenizer_vocab=tok.vocab_size, dropout=a.dropout,
+                       warmup=a.warmup, steps=a.steps, num_batches=a.num_batches, decoder_layers=a.decoder_layers,
+                       td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval, ltd_start=a.ltd_start,
+                       ltd_len=a.ltd_len, transformer_impl=a.transformer_impl, mode=a.mode,
+                       optimizer="megatron-core get_megatron_optimizer(adam) -> "
+                                 + type(runners[0].optimizer.optimizer).__name__,
+                       real_token_fraction=real, predicted_fraction=masked),
+        "targets": {"step_time_ratio_max": TARGETS, "flop_tolerance": FLOP_TOLERANCE},
+        "load_average_1min_timed_rounds": loads,
+        "methods": rows,
+        "wall_s": time.perf_counter() - start,
+    }
+    print()
+    print(markdown_table(res))
+    if a.mode in ("all", "time"):
+        for r in rows:
+            if "target" in r:
+                print(f"target {r['method']:10s} <= {r['target']:.2f} x baseline: "
+                      f"{'held' if r['target_held'] else 'NOT held'} ({r['ratio_to_baseline']:.3f})")
+        bad = [r["method"] for r in rows if r.get("within_flop_tolerance") is False]
+        print(f"within {FLOP_TOLERANCE:.0%} of the FLOP model: "
+              f"{'all' if not bad else 'all but ' + ', '.join(bad)}")
+    paths = write_outputs(a, res, log)
+    print("results:\n  " + "\n  ".join(os.path.relpath(p, os.getcwd()) for p in paths))
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
