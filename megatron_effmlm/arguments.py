@@ -185,8 +185,6 @@ def config_from_args(a) -> RunConfig:
                      sctd_code_compat=a.sctd_code_compat),
         "random-ltd": dict(ltd_start=a.ltd_start, ltd_steps=a.ltd_steps, ltd_granularity=a.ltd_granularity),
     }.get(a.method, {})
-    if a.method != "vanilla" and a.sequence_parallel:
-        raise ConfigError(f"--method {a.method} with --sequence-parallel is not supported yet")
     model = ModelConfig(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,

@@ -20,6 +20,7 @@ METHODS = {
 }
 METHOD_LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "dp2": [],
     "pp2": ["--pipeline-model-parallel-size", "2"],  # token dropping: drop and restore on stage 2; 3ML: injection mid-stage
 }

@@ -59,6 +59,15 @@ class LiveSet:
     def n(self) -> int:
         return self.idx.shape[1]
 
+    def padded(self, multiple: int, seq_len: int) -> "LiveSet":
+        """With invalid slots appended so n is a multiple (sequence parallelism splits n)."""
+        extra = -self.n % multiple
+        if extra == 0:
+            return self
+        b = self.idx.shape[0]
+        idx = torch.cat([self.idx, self.idx.new_full((b, extra), seq_len)], 1)
+        return LiveSet(idx, torch.cat([self.valid, self.valid.new_zeros(b, extra)], 1))
+
 
 @dataclass
 class PlanStep:
@@ -145,7 +154,16 @@ def gather_ids(x: Tensor, live: LiveSet) -> Tensor:
 class PlanRunner:
     """Executes a plan over a sequence of layers; holds the step's transient state only."""
 
-    def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None):
+    def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None, sp: int = 1):
+        # Sequence parallelism: h holds n / sp tokens per TP rank; every live set is padded so
+        # n divides, and plan steps work on the gathered sequence.
+        self.sp = sp
+        if sp > 1:
+            T = plan.seq_len
+            plan.input_live = plan.input_live.padded(sp, T)
+            for step in plan.steps.values():
+                if step.live is not None:
+                    step.live = step.live.padded(sp, T)
         self.plan = plan
         self.real = real.bool()  # [b, T] padding mask
         self.live = plan.input_live
@@ -166,6 +184,21 @@ class PlanRunner:
             return self.rotary_full[: self.plan.seq_len]
         return self.rotary_full[:, 0, 0, :][self.live.idx.t()].unsqueeze(2)  # [n, b, 1, d]
 
+    def _gather(self, h: Tensor) -> Tensor:
+        """[n/sp, b, H] -> [n, b, H]; backward splits (every TP rank computes the same after it)."""
+        if self.sp == 1:
+            return h
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+
+    def _scatter(self, h: Tensor) -> Tensor:
+        if self.sp == 1:
+            return h
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.scatter_to_sequence_parallel_region(h)
+
     def before_layer(self, layer_idx: int, h: Tensor) -> Tensor:
         step = self.plan.steps.get(layer_idx)
         if step is None:
@@ -173,18 +206,19 @@ class PlanRunner:
         T = self.plan.seq_len
         base = self.stash
         if step.inject and self.plan.decoder_context:
-            self.context, self.context_mask = h, self.attention_mask()
+            self.context, self.context_mask = h, self.attention_mask()  # sharded, as cross-attention wants
+        h = self._gather(h)
         full = to_full(h, self.live, base, T)
         if step.snapshot:
             self.stash = full
         if step.live is not None:
             self.live = step.live
             h = full[:T] if step.live.identity else gather_live(full, step.live)
-        return h
+        return self._scatter(h)
 
     def after_layer(self, layer_idx: int, h: Tensor) -> None:
         if layer_idx in self.plan.capture_first_token_after:
-            self.captured[layer_idx] = self.state_at(h, 0)
+            self.captured[layer_idx] = self.state_at(self._gather(h), 0)
 
     def state_at(self, h: Tensor, position: int) -> Tensor:
         """[b, H] states of one position (which must be live)."""
@@ -209,40 +243,46 @@ class PlanRunner:
         return parts
 
     def carry_rows(self, layer_idx: int) -> int:
-        return sum(p if isinstance(p, int) else p.n for _, p in self._carry_parts(layer_idx))
+        """Rows this stage receives (per TP rank under sequence parallelism)."""
+        rows = sum(p if isinstance(p, int) else p.n for _, p in self._carry_parts(layer_idx))
+        return (rows + (-rows % self.sp)) // self.sp
 
     def export_carry(self, h: Tensor, layer_idx: int) -> Tensor:
         """[rows, b, H]: what the next stage (starting at layer_idx) needs."""
         out = []
         for name, part in self._carry_parts(layer_idx):
             if name == "h":
-                out.append(h)
+                out.append(self._gather(h))
             elif name == "stash":
                 # the stashed values, also of positions that are live now (token dropping's
                 # pre-drop states of tokens that layer c just updated)
                 out.append(gather_live(self.stash, part))
             elif name == "context":
-                out.append(self.context)
+                out.append(self._gather(self.context))
             else:
                 out.append(self.captured[int(name[8:])].unsqueeze(0))
-        return torch.cat(out, 0)
+        carry = torch.cat(out, 0)
+        if self.sp > 1:  # pad the rows so the carry splits over the TP ranks
+            carry = torch.cat([carry, carry.new_zeros(-carry.shape[0] % self.sp, *carry.shape[1:])], 0)
+        return self._scatter(carry)
 
     def import_carry(self, carry: Tensor, layer_idx: int) -> Tensor:
         """Restore the runner's state from the carry; returns the live hidden states."""
         T, h, start = self.plan.seq_len, None, 0
+        carry = self._gather(carry)
         for name, part in self._carry_parts(layer_idx):
             n = part if isinstance(part, int) else part.n
             rows = carry[start:start + n]
             start += n
             if name == "h":
-                h, self.live = rows, part
+                h, self.live = self._scatter(rows), part
             elif name == "stash":
                 self.stash = scatter_live(rows.new_zeros(T + 1, rows.shape[1], rows.shape[2]), rows, part)
             elif name == "context":
-                self.context, self.context_mask = rows, (~part.valid)[:, None, None, :]
+                self.context, self.context_mask = self._scatter(rows), (~part.valid)[:, None, None, :]
             else:
                 self.captured[int(name[8:])] = rows[0]
-        assert start == carry.shape[0], f"carry of {carry.shape[0]} rows, plan expects {start}"
+        assert start <= carry.shape[0] < start + self.sp, f"carry of {carry.shape[0]} rows, plan expects {start}"
         return h
 
     def predicted_states(self, h: Tensor, flat_idx: Tensor) -> Tensor:

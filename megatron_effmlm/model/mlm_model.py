@@ -168,7 +168,8 @@ class MLMModel(LanguageModule):
         if self.position_embedding_type == "rope":
             rotary = self.rotary_pos_emb(plan.seq_len)  # [T, 1, 1, d]
             rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
-        return PlanRunner(plan, padding_mask, rotary=rotary)
+        c = self.config
+        return PlanRunner(plan, padding_mask, rotary=rotary, sp=c.tensor_model_parallel_size if c.sequence_parallel else 1)
 
     def _first_layer_index(self) -> int:
         return self.encoder.layers[0].layer_number - 1
