@@ -68,3 +68,16 @@ def test_random_ltd_schedule():
     assert ltd_length(51, T, 128, 100, 16) == 320 + 0  # 323.84 floors to 320
     assert ltd_length(55, T, 128, 100, 16) == 336
     assert ltd_length(100, T, 128, 100, 16) == T and ltd_length(10**6, T, 128, 100, 16) == T
+
+
+def test_random_ltd_draws_are_uniform_and_row_local():
+    from megatron_effmlm.plans.random_ltd import uniform_hash
+
+    t = torch.randint(0, 4000, (64, 512), generator=torch.Generator().manual_seed(0))
+    u = uniform_hash(t, 1, 2, 3)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    assert torch.equal(uniform_hash(t[5:7], 1, 2, 3), u[5:7])  # a row's draw ignores its neighbours
+    assert not torch.equal(uniform_hash(t, 1, 2, 4), u) and not torch.equal(uniform_hash(t, 1, 3, 3), u)
+    # every position is picked about equally often (64 of 512: expected 8 per position)
+    counts = torch.bincount(u.topk(64, dim=1).indices.flatten(), minlength=512).float()
+    assert abs(counts.mean() - 8) < 1e-6 and counts.std() < 3.5

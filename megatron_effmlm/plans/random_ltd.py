@@ -3,9 +3,10 @@
 Every middle layer (all but the first and the last) runs on its own uniformly sampled subset
 of each row's real tokens, in position order; the other tokens pass that layer unchanged. The
 kept length grows linearly from `ltd_start` to the full length over `ltd_steps` steps, in
-multiples of `ltd_granularity`. Each row's draws are a function of (seed, step, layer, the
-row's tokens): a resumed run draws the same subsets, and so does any parallel layout, however
-rows are split into micro-batches and data-parallel ranks. The step count is the only state.
+multiples of `ltd_granularity`. Each row's draws are a counter-based hash of (seed, step,
+layer, the row's tokens, position): a resumed run draws the same subsets, and so does any
+parallel layout, however rows are split into micro-batches and data-parallel ranks. The step
+count is the only state.
 """
 
 import torch
@@ -23,6 +24,29 @@ def ltd_length(step: int, seq_len: int, start: int, steps: int, granularity: int
     return int(min(seq_len, max(start, grown // granularity * granularity)))
 
 
+_M = (1 << 61) - 1
+
+
+def _mix(x):
+    """A splitmix-style integer mixer on int64 tensors, reduced to [0, 2**61). Products wrap
+    around in int64, identically on every device, so the draws are reproducible."""
+    x = (x ^ (x >> 31)) % _M
+    x = (x * 0x5DEECE66D + 11) % _M
+    x = (x ^ (x >> 29)) % _M
+    return (x * 0x2545F491 + 0x9E3779B9) % _M
+
+
+def uniform_hash(text, seed: int, step: int, layer: int):
+    """[b, T] floats in [0, 1): a counter-based draw per (seed, step, layer, row tokens,
+    position). Vectorised, and the same for a row wherever it sits in a batch."""
+    b, T = text.shape
+    pos = torch.arange(1, T + 1, device=text.device)
+    row_key = _mix((text.long() * pos).sum(1) % _M)  # [b]
+    key = _mix((row_key * 1_000_003 + seed * 7_919 + step * 104_729 + layer * 1_299_709) % _M)
+    x = _mix((key[:, None] * 65_537 + pos[None, :]) % _M)  # [b, T]
+    return (x >> 8).double() / float(1 << 53)
+
+
 @register("random-ltd")
 class RandomLTDPolicy(Policy):
     def __init__(self, ltd_start: int = 64, ltd_steps: int = 1000, ltd_granularity: int = 16, **kw):
@@ -33,15 +57,9 @@ class RandomLTDPolicy(Policy):
 
     def sample(self, text, padding_mask, keep: int, step: int, layer: int) -> LiveSet:
         pad = padding_mask.bool()
-        b, T = pad.shape
-        weights = torch.arange(1, T + 1, dtype=torch.int64)
-        scores = torch.empty(b, T)
-        for r in range(b):  # one generator per row: the draw must not depend on the row's neighbours
-            row_key = int((text[r].cpu().long() * weights).sum())
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7_919 + layer * 104_729 + row_key) % 2**62)
-            scores[r] = torch.rand(T, generator=g)
-        scores = scores.masked_fill(~pad.cpu(), -1.0)
-        top = scores.topk(min(keep, T), dim=1).indices.to(pad.device)
+        T = pad.shape[1]
+        scores = uniform_hash(text, self.seed, step, layer).masked_fill(~pad, -1.0)
+        top = scores.topk(min(keep, T), dim=1).indices
         mask = torch.zeros_like(pad).scatter_(1, top, True) & pad
         return LiveSet.from_mask(mask)
 
