@@ -21,7 +21,7 @@ METHODS = {
 METHOD_LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "tp2sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    "dp2": [],
+    "dp2_distopt": ["--use-distributed-optimizer"],  # data parallel with megatron-core's distributed optimizer
     "pp2": ["--pipeline-model-parallel-size", "2"],  # token dropping: drop and restore on stage 2; 3ML: injection mid-stage
 }
 METHOD_LAYOUTS_4 = {  # 4 processes
@@ -83,7 +83,7 @@ def test_layout_equals_single_process(layout_results, layout):
 @pytest.fixture(scope="module")
 def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """Each method (4 layers, so token dropping has a drop and a restore) on one process and on
-    TP=2 and DP=2 (DP=2 also checks that the importance table stays identical on both ranks:
+    every layout (DP=2 also checks that the importance table stays identical on both ranks:
     the kept sets of later steps depend on it)."""
     tmp = tmp_path_factory.mktemp("method_layouts")
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
