@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="activation recomputation: every layer (full) or the core attention (selective)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
 
@@ -210,6 +212,7 @@ def config_from_args(a) -> RunConfig:
         pipeline_model_parallel_size=a.pipeline_model_parallel_size,
         sequence_parallel=a.sequence_parallel,
         use_distributed_optimizer=a.use_distributed_optimizer,
+        recompute_granularity=a.recompute_granularity,
     )
     optim = OptimConfig(
         lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,

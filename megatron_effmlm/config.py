@@ -71,6 +71,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    recompute_granularity: Optional[str] = None  # "full" (every layer) or "selective" (core attention)
 
 
 @dataclass
@@ -104,6 +105,10 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
+        recompute_granularity=par.recompute_granularity,
+        # "full" recomputes each layer on its own (the engine may change the live tokens between layers)
+        recompute_method="uniform" if par.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if par.recompute_granularity == "full" else None,
         bf16=prec.bf16,
         fp16=prec.fp16,
         params_dtype=prec.params_dtype,

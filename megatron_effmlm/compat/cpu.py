@@ -12,7 +12,10 @@ Shims, and the megatron-core 0.16 call sites each one covers:
    tensor_parallel/layers.py, mappings.py, utils.py (`GlobalMemoryBuffer.get_tensor`, used
    by `dot_product_attention.py`), pipeline_parallel/p2p_communication.py (shape exchange),
    distributed/param_and_grad_buffer.py (DDP buffers).
-2. `torch.cuda.synchronize()` is a no-op (p2p_communication.py, dist_checkpointing).
+2. `torch.cuda.synchronize()` is a no-op (p2p_communication.py, dist_checkpointing), and
+   `torch.cuda.get_rng_state()` returns an empty state: tensor_parallel/random.py's
+   `CheckpointFunction` (activation recomputation) records the CUDA generator beside the CPU
+   one and the tracker's; restoring the empty state is a queued lazy call that never runs.
 3. A CPU RNG-states tracker (`CPURNGStatesTracker`) installed as megatron-core's tracker.
    tensor_parallel/random.py: `CudaRNGStatesTracker.add/fork` read and write CUDA
    generator states; attention dropout forks the model-parallel state even at dropout 0.
@@ -141,6 +144,7 @@ def activate() -> bool:
         return False
     torch.cuda.current_device = lambda: CPU  # shim 1
     torch.cuda.synchronize = lambda *a, **k: None  # shim 2
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     _install_rng_tracker()  # shim 3
     _MODE = _CudaToCpuMode()  # shim 4: stays on for the process (this thread's mode stack)
     _MODE.__enter__()

@@ -215,16 +215,28 @@ class MLMModel(LanguageModule):
         if context is not None:
             self.forward_flops += b * cross_attention_flops(n, context.shape[0] * sp, c.hidden_size)
 
+    def _layer_forward(self, layer, hidden, mask, rotary, context, context_mask):
+        """One unchanged TransformerLayer; with --recompute-granularity full its activations are
+        recomputed in backward by megatron-core's checkpoint (which replays the RNG states,
+        tracker included, so dropout masks match). Selective recompute (core attention) is
+        megatron-core's own, inside the attention module."""
+
+        def run(h, ctx):
+            cross = dict(context=ctx, context_mask=context_mask) if ctx is not None else {}
+            return layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary, **cross)[0]
+
+        if self.config.recompute_granularity == "full" and self.training:
+            return tensor_parallel.checkpoint(run, False, hidden, context)
+        return run(hidden, context)
+
     def _run_block(self, layers, first_index, hidden, runner, decoder=False):
         for i, layer in enumerate(layers):
             idx = first_index + i  # global layer index: encoder 0..L-1, then the decoder
             hidden = runner.before_layer(idx, hidden)
-            cross = {}
-            if decoder and runner.context is not None:
-                cross = dict(context=runner.context, context_mask=runner.context_mask)
-            hidden, _ = layer(hidden_states=hidden, attention_mask=runner.attention_mask(),
-                              rotary_pos_emb=runner.rotary(), **cross)
-            self._count_layer_flops(hidden, cross.get("context"))
+            context = runner.context if decoder else None
+            hidden = self._layer_forward(layer, hidden, runner.attention_mask(), runner.rotary(),
+                                         context, runner.context_mask if decoder else None)
+            self._count_layer_flops(hidden, context)
             runner.after_layer(idx, hidden)
         return hidden
 
