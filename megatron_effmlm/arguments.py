@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--pipeline-split-by", default="layers", choices=["layers", "flops"],
+                   help="even layer counts per stage, or a split balancing the stages' FLOPs (FLOP model)")
+    g.add_argument("--pipeline-stage-layers", type=int, nargs="+", default=None,
+                   help="explicit encoder layers per pipeline stage, e.g. 4 3 3 2")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
                    help="activation recomputation: every layer (full) or the core attention (selective)")
     g.add_argument("--bf16", action="store_true")
@@ -213,6 +217,8 @@ def config_from_args(a) -> RunConfig:
         sequence_parallel=a.sequence_parallel,
         use_distributed_optimizer=a.use_distributed_optimizer,
         recompute_granularity=a.recompute_granularity,
+        pipeline_split_by=a.pipeline_split_by,
+        pipeline_stage_layers=a.pipeline_stage_layers,
     )
     optim = OptimConfig(
         lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,
@@ -257,7 +263,18 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
             f"--seq-length {cfg.model.seq_length} is not divisible by --tensor-model-parallel-size "
             f"{par.tensor_model_parallel_size} (needed by --sequence-parallel)"
         )
-    if cfg.model.num_layers % par.pipeline_model_parallel_size:
+    if par.pipeline_stage_layers:
+        if len(par.pipeline_stage_layers) != par.pipeline_model_parallel_size or \
+                sum(par.pipeline_stage_layers) != cfg.model.num_layers or min(par.pipeline_stage_layers) < 1:
+            raise ConfigError(
+                f"--pipeline-stage-layers {' '.join(map(str, par.pipeline_stage_layers))}: need "
+                f"{par.pipeline_model_parallel_size} counts >= 1 summing to --num-layers {cfg.model.num_layers}"
+            )
+    elif par.pipeline_split_by == "flops":
+        if par.pipeline_model_parallel_size > cfg.model.num_layers:
+            raise ConfigError(f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size} exceeds "
+                              f"--num-layers {cfg.model.num_layers}")
+    elif cfg.model.num_layers % par.pipeline_model_parallel_size:
         raise ConfigError(
             f"--num-layers {cfg.model.num_layers} is not divisible by --pipeline-model-parallel-size "
             f"{par.pipeline_model_parallel_size}"

@@ -72,6 +72,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     recompute_granularity: Optional[str] = None  # "full" (every layer) or "selective" (core attention)
+    pipeline_split_by: str = "layers"  # "layers" (even) or "flops" (balanced by the FLOP model)
+    pipeline_stage_layers: Optional[list] = None  # explicit encoder layers per stage
 
 
 @dataclass
@@ -84,7 +86,8 @@ class PrecisionConfig:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
-def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: PrecisionConfig):
+def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: PrecisionConfig,
+                             stage_layers: Optional[list] = None):
     """megatron-core's TransformerConfig for this run.
 
     CPU-friendly switches are megatron-core's own: CPU initialisation when there is no GPU,
@@ -125,7 +128,16 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         # 3ML and token dropping change the number of live tokens between pipeline stages.
         variable_seq_lengths=par.pipeline_model_parallel_size > 1,
         moe_token_dispatcher_type="alltoall",  # "allgather" refuses variable_seq_lengths
+        pipeline_model_parallel_layout=_layout(stage_layers),
     )
+
+
+def _layout(stage_layers):
+    if not stage_layers:
+        return None
+    from megatron_effmlm.parallel.balance import layout_string
+
+    return layout_string(stage_layers)
 
 
 def replace(cfg, **kw):

@@ -101,6 +101,13 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     refs["token-drop"]["steps"] = STEPS + 1
     scen4["token-drop/tp2pp2"]["save_final"] = str(tmp / "td_tp2pp2")
     ref_results = _run(tmp, 1, refs, "method_refs")  # also writes the init checkpoints
+    # Uneven pipeline splits: explicit (3 + 1) for token dropping, FLOP-balanced for 3ML.
+    scen["token-drop/pp2_split31"] = {"args": base + METHODS["token-drop"] + [
+        "--pipeline-model-parallel-size", "2", "--pipeline-stage-layers", "3", "1", "--load", str(tmp / "init_token-drop")],
+        "steps": STEPS}
+    scen["3ml/pp2_flops"] = {"args": base + METHODS["3ml"] + [
+        "--pipeline-model-parallel-size", "2", "--pipeline-split-by", "flops", "--load", str(tmp / "init_3ml")],
+        "steps": STEPS}
     results = _run(tmp, 2, scen, "method_layouts")
     results.update(_run(tmp, 4, scen4, "method_layouts_4"))
     back = {"td_back": {"args": base + METHODS["token-drop"] + ["--load", str(tmp / "td_tp2pp2")], "steps": 1}}
@@ -108,7 +115,8 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     return ref_results, results
 
 
-CASES = [(m, lay) for m in METHODS for lay in METHOD_LAYOUTS] + \
+CASES = [("token-drop", "pp2_split31"), ("3ml", "pp2_flops")] + \
+    [(m, lay) for m in METHODS for lay in METHOD_LAYOUTS] + \
     [(m, lay) for m in list(METHODS) + ["vanilla"] for lay in METHOD_LAYOUTS_4]
 
 

@@ -81,3 +81,23 @@ def test_random_ltd_draws_are_uniform_and_row_local():
     # every position is picked about equally often (64 of 512: expected 8 per position)
     counts = torch.bincount(u.topk(64, dim=1).indices.flatten(), minlength=512).float()
     assert abs(counts.mean() - 8) < 1e-6 and counts.std() < 3.5
+
+
+def test_split_by_flops_is_the_optimal_contiguous_split():
+    import itertools
+
+    from megatron_effmlm.parallel.balance import layer_costs, split_by_flops, stage_loads
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        costs = (torch.rand(7, generator=g) * 10 + 1).tolist()
+        extra = float(torch.rand(1, generator=g) * 15)
+        got = split_by_flops(costs, extra, 3)
+        best = min(max(stage_loads(costs, extra, [a, b, 7 - a - b]))
+                   for a, b in itertools.product(range(1, 6), repeat=2) if a + b < 7)
+        assert sum(got) == 7 and min(got) >= 1
+        assert abs(max(stage_loads(costs, extra, got)) - best) < 1e-9
+    # 3ML's decoder and the head weigh on the last stage: it gets the fewest encoder layers
+    costs, extra = layer_costs("3ml", 12, 512, 768, 3072, 30592, 0.5)
+    counts = split_by_flops(costs, extra, 4)
+    assert counts[-1] == min(counts) and sum(counts) == 12

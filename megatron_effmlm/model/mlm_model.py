@@ -96,7 +96,8 @@ class MLMModel(LanguageModule):
         if decoder_layers and post_process:
             # All decoder layers sit on the last pipeline stage (after its encoder layers):
             # built as a one-stage block so their numbering does not depend on the layout.
-            dec_config = dataclasses.replace(config, num_layers=decoder_layers, pipeline_model_parallel_size=1)
+            dec_config = dataclasses.replace(config, num_layers=decoder_layers, pipeline_model_parallel_size=1,
+                                             pipeline_model_parallel_layout=None)
             self.decoder = TransformerBlock(config=dec_config, spec=decoder_layer_spec, pre_process=True, post_process=True)
         if decoder_layers and pre_process:
             # e_mask lives beside the position embedding that builds the injected vectors.

@@ -65,7 +65,8 @@ class Trainer:
         # Data before the model: a bad --data-path fails in seconds, not after the build.
         self.datasets = datasets if datasets is not None else self._build_datasets()
 
-        self.tconfig = build_transformer_config(cfg.model, par, cfg.precision)
+        self.stage_layers = self._stage_layers()
+        self.tconfig = build_transformer_config(cfg.model, par, cfg.precision, self.stage_layers)
         self.model = build_model(cfg.model, par, self.tconfig)
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
@@ -123,6 +124,27 @@ class Trainer:
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.train_flops = float(extra.get("train_flops", 0.0))
                 self.policy.load_state_dict(extra.get("policy", {}))
+
+    def _stage_layers(self):
+        """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
+        from megatron_effmlm.parallel.balance import layer_costs, split_by_flops
+
+        par, m = self.cfg.parallel, self.cfg.model
+        if par.pipeline_stage_layers or par.pipeline_model_parallel_size == 1:
+            return par.pipeline_stage_layers
+        if par.pipeline_split_by != "flops":
+            return None
+        o = self.cfg.train.method_options
+        costs, extra = layer_costs(
+            self.cfg.train.method, m.num_layers, m.seq_length, m.hidden_size, m.ffn_hidden_size,
+            m.padded_vocab_size(par.tensor_model_parallel_size), self.cfg.data.mask_prob,
+            decoder_layers=m.decoder_layers, decoder_type=m.decoder_type,
+            keep_ratio=o.get("td_keep_ratio", 0.5),
+        )
+        counts = split_by_flops(costs, extra, par.pipeline_model_parallel_size)
+        if is_logging_rank():
+            print(f"pipeline split by FLOPs: encoder layers per stage {counts}", flush=True)
+        return counts
 
     # ----- data -----
     def _build_datasets(self):
