@@ -6,8 +6,7 @@ read a config without a glossary.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -139,6 +138,3 @@ def _layout(stage_layers):
 
     return layout_string(stage_layers)
 
-
-def replace(cfg, **kw):
-    return dataclasses.replace(cfg, **kw)

@@ -43,7 +43,7 @@ class LiveSet:
         return LiveSet(idx, padding_mask.bool(), identity=True)
 
     @staticmethod
-    def from_mask(mask: Tensor, order: Optional[Tensor] = None) -> "LiveSet":
+    def from_mask(mask: Tensor) -> "LiveSet":
         """Positions where mask [b, T] is True, in position order, padded to the row maximum."""
         b, T = mask.shape
         count = mask.sum(1)

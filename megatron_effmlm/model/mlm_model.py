@@ -38,7 +38,6 @@ class MLMOutput:
     lm_losses: Tensor  # [m] cross-entropy of each predicted position
     labels: Optional[Tensor] = None  # [m] their target ids
     binary_loss: Optional[Tensor] = None  # [b] sentence-order loss, with --bert-binary-head
-    num_sequences: int = 0
     captured: Dict[int, Tensor] = dataclasses.field(default_factory=dict)  # layer -> [b, h] first-token states
     consistency: Optional["MLMOutput"] = None  # the second (full) pass of a consistency step (ScTD)
 
@@ -250,7 +249,7 @@ class MLMModel(LanguageModule):
         logits, _ = self.output_layer(predicted, weight=weight)  # [m, 1, V/tp]
         target = labels.reshape(-1)[flat_idx]  # [m]
         lm_losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.unsqueeze(1)).squeeze(1)
-        out = MLMOutput(lm_losses=lm_losses, labels=target, num_sequences=loss_mask.shape[0])
+        out = MLMOutput(lm_losses=lm_losses, labels=target)
         if self.add_binary_head and is_random is not None:
             pooled = self.pooler(runner_full_first_token(hidden, runner), 0)  # [b, h]
             binary_logits = self.binary_head(pooled).float()
