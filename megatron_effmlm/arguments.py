@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline schedule: layers per virtual stage (needs PP > 2)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--pipeline-split-by", default="layers", choices=["layers", "flops"],
                    help="even layer counts per stage, or a split balancing the stages' FLOPs (FLOP model)")
@@ -217,6 +219,7 @@ def config_from_args(a) -> RunConfig:
         sequence_parallel=a.sequence_parallel,
         use_distributed_optimizer=a.use_distributed_optimizer,
         recompute_granularity=a.recompute_granularity,
+        num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
         pipeline_split_by=a.pipeline_split_by,
         pipeline_stage_layers=a.pipeline_stage_layers,
     )
@@ -263,6 +266,20 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
             f"--seq-length {cfg.model.seq_length} is not divisible by --tensor-model-parallel-size "
             f"{par.tensor_model_parallel_size} (needed by --sequence-parallel)"
         )
+    if par.num_layers_per_virtual_pipeline_stage:
+        per_stage = cfg.model.num_layers // par.pipeline_model_parallel_size
+        if par.pipeline_model_parallel_size < 3 or cfg.model.num_layers % par.pipeline_model_parallel_size \
+                or per_stage % par.num_layers_per_virtual_pipeline_stage or par.pipeline_stage_layers \
+                or par.pipeline_split_by != "layers":
+            # PP=2 is a ring of two: the interleaved schedule's batched sends to the previous
+            # and the next rank go to the same peer and can be matched the wrong way round.
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {par.num_layers_per_virtual_pipeline_stage} needs "
+                "--pipeline-model-parallel-size > 2, an even layer split, and must divide the layers of a stage"
+            )
+        if (t.global_batch_size // (t.micro_batch_size * dp)) % par.pipeline_model_parallel_size:
+            raise ConfigError("the interleaved schedule needs the number of micro-batches to be a multiple "
+                              f"of --pipeline-model-parallel-size {par.pipeline_model_parallel_size}")
     if par.pipeline_stage_layers:
         if len(par.pipeline_stage_layers) != par.pipeline_model_parallel_size or \
                 sum(par.pipeline_stage_layers) != cfg.model.num_layers or min(par.pipeline_stage_layers) < 1:

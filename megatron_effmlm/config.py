@@ -71,8 +71,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     recompute_granularity: Optional[str] = None  # "full" (every layer) or "selective" (core attention)
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
     pipeline_split_by: str = "layers"  # "layers" (even) or "flops" (balanced by the FLOP model)
     pipeline_stage_layers: Optional[list] = None  # explicit encoder layers per stage
+
+    def virtual_pipeline_size(self, num_layers: int) -> Optional[int]:
+        if not self.num_layers_per_virtual_pipeline_stage:
+            return None
+        return num_layers // self.pipeline_model_parallel_size // self.num_layers_per_virtual_pipeline_stage
 
 
 @dataclass
@@ -106,6 +112,7 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         layernorm_epsilon=model.layernorm_epsilon,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_size(model.num_layers),
         sequence_parallel=par.sequence_parallel,
         recompute_granularity=par.recompute_granularity,
         # "full" recomputes each layer on its own (the engine may change the live tokens between layers)
@@ -125,7 +132,8 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         # The MLM loss is a mean over predicted tokens of the whole global batch.
         calculate_per_token_loss=True,
         # 3ML and token dropping change the number of live tokens between pipeline stages.
-        variable_seq_lengths=par.pipeline_model_parallel_size > 1,
+        # (the interleaved schedule's shape exchange misbehaves: there the carry has a fixed size)
+        variable_seq_lengths=par.pipeline_model_parallel_size > 1 and not par.num_layers_per_virtual_pipeline_stage,
         moe_token_dispatcher_type="alltoall",  # "allgather" refuses variable_seq_lengths
         pipeline_model_parallel_layout=_layout(stage_layers),
     )

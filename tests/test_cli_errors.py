@@ -29,6 +29,7 @@ def errors(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_di
         "seq_over_positions": args(**{"--seq-length": 128, "--max-position-embeddings": 64}),
         "unknown_method": args(**{"--method": "nonsense"}),
         "bad_load": args(**{"--load": str(tmp / "no_ckpt")}),
+        "vpp_pp1": args(**{"--num-layers-per-virtual-pipeline-stage": 1}),
     }
     spec, out = tmp / "cases.json", tmp / "out.json"
     spec.write_text(json.dumps(cases))
@@ -81,3 +82,9 @@ def test_unknown_method(errors):
 
 def test_load_path_missing(errors):
     assert _err(errors, "bad_load") == f"error: --load {errors[1] / 'no_ckpt'}: no such directory"
+
+
+def test_virtual_stages_need_a_deeper_pipeline(errors):
+    assert _err(errors, "vpp_pp1") == (
+        "error: --num-layers-per-virtual-pipeline-stage 1 needs --pipeline-model-parallel-size > 2, "
+        "an even layer split, and must divide the layers of a stage")

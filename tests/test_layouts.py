@@ -187,3 +187,27 @@ def test_pipeline_sends_only_the_carry(p2p_results, method):
         assert shape == [rows, 2, 64], (method, k, shape, rows, st)
     if method in ("3ml", "3ml-cross", "random-ltd"):
         assert all(s[0] <= 64 for s in sends)
+
+
+VPP_METHODS = {k: METHODS[k] for k in ("3ml", "token-drop", "sctd")}
+
+
+@pytest.fixture(scope="module")
+def vpp_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """Interleaved schedule: PP=4 with 2 virtual stages of 1 layer (8 layers)."""
+    tmp = tmp_path_factory.mktemp("vpp")
+    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
+                           **{"--num-layers": 8})
+    refs = {m: {"args": base + a, "steps": STEPS, "save_init": str(tmp / f"init_{m}")} for m, a in VPP_METHODS.items()}
+    scen = {m: {"args": base + a + ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1",
+                                    "--load", str(tmp / f"init_{m}")], "steps": STEPS} for m, a in VPP_METHODS.items()}
+    ref = _run(tmp, 1, refs, "vpp_refs")
+    return ref, _run(tmp, 4, scen, "vpp")
+
+
+@pytest.mark.parametrize("method", list(VPP_METHODS))
+def test_virtual_pipeline_equals_single_process(vpp_results, method):
+    ref, got = vpp_results
+    for a, b in zip(got[method]["steps"], ref[method]["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (method, a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), (method, a, b)

@@ -127,6 +127,9 @@ class MLMModel(LanguageModule):
         # Forward FLOPs of the layers and head this stage ran, by the FLOP model; the trainer
         # reads and resets it every step (model TFLOP/s, --train-flops-budget).
         self.forward_flops = 0.0
+        # Rows of every message between stages when shapes cannot vary (virtual pipeline
+        # stages); None: each carry is sent at its own size (megatron-core variable_seq_lengths).
+        self.fixed_carry_rows = None
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -154,10 +157,15 @@ class MLMModel(LanguageModule):
         carries = [None] * len(plans)
         if not self.pre_process:  # split what the previous stage sent between the passes
             sizes = [r.carry_rows(self._first_layer_index()) for r in runners]
-            carries = list(torch.split(self.encoder.input_tensor, sizes, 0))
+            received = self.encoder.input_tensor
+            carries = list(torch.split(received[: sum(sizes)], sizes, 0))
         outs = [self._run(r, c, *args) for r, c in zip(runners, carries)]
         if not self.post_process:
-            return make_viewless_tensor(torch.cat(outs, 0), requires_grad=True, keep_graph=True)
+            carry = torch.cat(outs, 0)
+            if self.fixed_carry_rows:  # interleaved schedule: fixed-size messages, zero-padded
+                assert carry.shape[0] <= self.fixed_carry_rows, (carry.shape, self.fixed_carry_rows)
+                carry = torch.cat([carry, carry.new_zeros(self.fixed_carry_rows - carry.shape[0], *carry.shape[1:])])
+            return make_viewless_tensor(carry, requires_grad=True, keep_graph=True)
         out = outs[0]
         if consistency_plan is not None:
             out.consistency = outs[1]

@@ -47,7 +47,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, tokenizer=None, datasets=None):
         self.cfg = cfg
         par, t = cfg.parallel, cfg.train
-        initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, None, t.seed)
+        initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                               par.virtual_pipeline_size(cfg.model.num_layers), t.seed)
         self.dp_size = check_layout(cfg, dist.get_world_size())
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
@@ -68,6 +69,15 @@ class Trainer:
         self.stage_layers = self._stage_layers()
         self.tconfig = build_transformer_config(cfg.model, par, cfg.precision, self.stage_layers)
         self.model = build_model(cfg.model, par, self.tconfig)
+        self.message_rows = cfg.model.seq_length  # the schedule's tensor shape, when fixed
+        if par.num_layers_per_virtual_pipeline_stage:
+            # A bound on any carry: live tokens, stash rows, context (each <= T) and two captured
+            # states, for up to two passes (ScTD); a multiple of the TP size for sequence parallelism.
+            tp = par.tensor_model_parallel_size
+            rows = 2 * (3 * cfg.model.seq_length + 2)
+            self.message_rows = rows + (-rows % tp)
+            for m in self.model:
+                unwrap(m).fixed_carry_rows = self.message_rows // (tp if par.sequence_parallel else 1)
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -170,18 +180,23 @@ class Trainer:
         )
 
     def data_iterator(self, dataset, consumed_samples: int):
+        """This rank's micro-batches from `consumed_samples` on; with virtual pipeline stages,
+        one iterator per model chunk over the same micro-batches (each chunk reads them all)."""
         from megatron_effmlm.data.batches import make_data_iterator
 
-        it = make_data_iterator(
-            dataset, consumed_samples, self.cfg.train.micro_batch_size,
-            ps.get_data_parallel_rank(), self.dp_size,
-        )
-        return [it] * len(self.model) if len(self.model) > 1 else it
+        def one():
+            return make_data_iterator(
+                dataset, consumed_samples, self.cfg.train.micro_batch_size,
+                ps.get_data_parallel_rank(), self.dp_size,
+            )
+
+        return [one() for _ in self.model] if len(self.model) > 1 else one()
 
     # ----- one step -----
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        self._batch_tokens += int(batch["padding_mask"].sum())
+        if getattr(unwrap(model), "vp_stage", None) in (None, 0):  # every chunk reads the batch
+            self._batch_tokens += int(batch["padding_mask"].sum())
         out = model(**self.policy.model_inputs(batch, self.iteration))
         return out, self.policy.loss
 
@@ -192,7 +207,7 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.model,
             num_microbatches=num_microbatches,
-            seq_length=self.cfg.model.seq_length,
+            seq_length=self.message_rows,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
