@@ -47,9 +47,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, tokenizer=None, datasets=None):
         self.cfg = cfg
         par, t = cfg.parallel, cfg.train
+        # The layout is checked before megatron-core sees it: one clear error, not its assert.
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp_size = check_layout(cfg, world)
         initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                                par.virtual_pipeline_size(cfg.model.num_layers), t.seed)
-        self.dp_size = check_layout(cfg, dist.get_world_size())
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
         if tokenizer is None:
