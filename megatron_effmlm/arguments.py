@@ -133,16 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--method", default="vanilla", help="vanilla | 3ml | token-drop | sctd | random-ltd")
 
-    g = p.add_argument_group("methods")
-    g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
-    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
-    g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
-    g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
-    g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
-    g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
-    g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
-    g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
-    g.add_argument("--ltd-granularity", type=int, default=16)
     g.add_argument("--micro-batch-size", type=int, default=8)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=100)
@@ -160,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the model FLOPs of training (FLOP model, fwd + bwd) reach this")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak per process, for MFU in the progress line")
+
+    g = p.add_argument_group("methods")
+    g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
+    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
+    g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
+    g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
+    g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
+    g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
+    g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
+    g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
+    g.add_argument("--ltd-granularity", type=int, default=16)
+
     return p
 
 
