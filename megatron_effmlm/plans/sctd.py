@@ -13,8 +13,8 @@ dropped pass's losses.
 import torch
 import torch.nn.functional as F
 
-from megatron_effmlm.model.engine import LiveSet
-from megatron_effmlm.plans.base import register
+from megatron_effmlm.model.engine import TokenPlan
+from megatron_effmlm.plans.base import real_positions, register
 from megatron_effmlm.plans.token_drop import TokenDropPolicy
 
 
@@ -48,10 +48,9 @@ class ScTDPolicy(TokenDropPolicy):
     def consistency_plan(self, batch, step):
         if not self.is_consistency_step(step):
             return None
-        p = self.drop_plan(batch)
-        p.steps = {}  # the full model: every position live at every layer
-        p.capture_first_token_after = self.captured_layers
-        return p
+        # the full model: every position live at every layer (no kept set to compute)
+        return TokenPlan(seq_len=batch["text"].shape[1], input_live=real_positions(batch),
+                         capture_first_token_after=self.captured_layers)
 
     def loss(self, out):
         if out.consistency is None:
