@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
-    g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
+    g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
+                   help="layer spec: Transformer Engine where TE and a GPU exist (auto), else megatron-core's local")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "local", "flash", "fused", "unfused"],
+                   help="local spec: sdpa (torch fused attention, auto on a GPU) or local (megatron-core's "
+                        "unfused); Transformer Engine: flash, fused, unfused or auto")
 
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -105,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation recomputation: every layer (full) or the core attention (selective)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: a constant loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
+                   help="FP8 GEMMs through Transformer Engine (with --bf16 or --fp16)")
+    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"])
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -175,6 +190,14 @@ def config_from_args(a) -> RunConfig:
         raise ConfigError("--bf16 and --fp16 are exclusive")
     if (a.bf16 or a.fp16) and not __import__("torch").cuda.is_available():
         raise ConfigError(f"{'--bf16' if a.bf16 else '--fp16'} needs a CUDA device; CPU runs train in fp32")
+    if a.fp8_format:
+        check_fp8(a.fp8_format, a.bf16 or a.fp16, a.transformer_impl, a.recompute_granularity)
+    from megatron_effmlm.model.backends import select_backends
+
+    try:
+        select_backends(a.transformer_impl, a.attention_backend)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not a.data_path:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
@@ -212,6 +235,7 @@ def config_from_args(a) -> RunConfig:
         layernorm_epsilon=a.layernorm_epsilon,
         bert_binary_head=a.bert_binary_head,
         transformer_impl=a.transformer_impl,
+        attention_backend=a.attention_backend,
         decoder_layers=method_options.get("decoder_layers", 0),
         decoder_type=method_options.get("decoder_type", "self"),
     )
@@ -243,7 +267,29 @@ def config_from_args(a) -> RunConfig:
         exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
         peak_tflops=a.peak_tflops,
     )
-    return RunConfig(model, par, PrecisionConfig(bf16=a.bf16, fp16=a.fp16), optim, data, train)
+    prec = PrecisionConfig(
+        bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_margin=a.fp8_margin,
+        fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
+        loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale, min_loss_scale=a.min_loss_scale,
+        loss_scale_window=a.loss_scale_window, hysteresis=a.hysteresis,
+    )
+    return RunConfig(model, par, prec, optim, data, train)
+
+
+def check_fp8(fp8_format, half: bool, transformer_impl: str, recompute_granularity):
+    """FP8 needs Transformer Engine on an FP8-capable GPU, a 16-bit model and the TE layer spec."""
+    from megatron_effmlm.model.backends import fp8_status
+
+    ok, why = fp8_status()
+    if not ok:
+        raise ConfigError(f"--fp8-format {fp8_format} needs Transformer Engine on an FP8-capable GPU: {why}")
+    if not half:
+        raise ConfigError(f"--fp8-format {fp8_format} needs --bf16 or --fp16 (FP8 covers the GEMMs only)")
+    if transformer_impl == "local":
+        raise ConfigError(f"--fp8-format {fp8_format} needs --transformer-impl transformer_engine (or auto)")
+    if recompute_granularity == "full":
+        raise ConfigError(f"--fp8-format {fp8_format} with --recompute-granularity full is not supported; "
+                          "use selective")
 
 
 def check_layout(cfg: RunConfig, world_size: int) -> int:

@@ -34,6 +34,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     bert_binary_head: bool = False
     transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
+    attention_backend: str = "auto"  # local spec: sdpa | local; TE: flash | fused | unfused; auto
     decoder_layers: int = 0  # 3ML's decoder (pre-training only; export drops it)
     decoder_type: str = "self"  # 3ML-self, or "cross": the decoder also cross-attends to the encoder
 
@@ -85,10 +86,28 @@ class ParallelConfig:
 class PrecisionConfig:
     bf16: bool = False
     fp16: bool = False
+    # FP8 through Transformer Engine (on top of bf16/fp16), Megatron-LM's flag names.
+    fp8_format: Optional[str] = None  # "hybrid" (e4m3 forward, e5m2 backward) | "e4m3"
+    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "blockwise" | "mxfp8"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
+    # fp16 loss scaling: a constant --loss-scale, else dynamic from --initial-loss-scale.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
 
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    def live_token_multiple(self) -> int:
+        """Live-token counts are padded to this (FP8 GEMMs need multiples of 16; MXFP8 of 32)."""
+        if not self.fp8_format:
+            return 1
+        return 32 if self.fp8_recipe == "mxfp8" else 16
 
 
 def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: PrecisionConfig,
@@ -100,7 +119,20 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_effmlm.model.backends import select_backends
+
     on_gpu = torch.cuda.is_available()
+    kernels = select_backends(model.transformer_impl, model.attention_backend)
+    te_attention = {}
+    if kernels.transformer_impl == "transformer_engine":
+        from megatron.core.transformer.enums import AttnBackend
+
+        te_attention = dict(attention_backend=AttnBackend[model.attention_backend])
+    fp8 = {}
+    if prec.fp8_format:
+        fp8 = dict(fp8=prec.fp8_format, fp8_recipe=prec.fp8_recipe, fp8_margin=prec.fp8_margin,
+                   fp8_amax_history_len=prec.fp8_amax_history_len,
+                   fp8_amax_compute_algo=prec.fp8_amax_compute_algo)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -123,11 +155,14 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         params_dtype=prec.params_dtype,
         pipeline_dtype=prec.params_dtype,
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        # Fused kernels where this machine has them (model/backends.py logs the choice).
+        gradient_accumulation_fusion=kernels.grad_accum_fusion,
+        bias_activation_fusion=kernels.jit_fusions,
+        bias_dropout_fusion=kernels.jit_fusions,
+        masked_softmax_fusion=False,  # the attention is fused as a whole instead (TE or SDPA)
+        persist_layer_norm=kernels.fused_layer_norm,
+        **te_attention,
+        **fp8,
         apply_rope_fusion=False,
         # The MLM loss is a mean over predicted tokens of the whole global batch.
         calculate_per_token_loss=True,

@@ -11,6 +11,12 @@ import sys
 
 import pytest
 
+# The suite tests the CPU path (gloo, several processes per machine) also on a GPU machine;
+# tests/test_gpu.py runs on the GPU when EFFMLM_TEST_GPU=1 (see README).
+GPU_TESTS = os.environ.get("EFFMLM_TEST_GPU") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)

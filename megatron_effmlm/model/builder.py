@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -23,8 +25,9 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
     chunks = []
     for vp in range(vp_size):
         vp_stage = vp if vp_size > 1 else None
-        spec, impl, why = get_layer_spec(
-            model_cfg.transformer_impl, get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+        spec, impl, backends = get_layer_spec(
+            model_cfg.transformer_impl, get_num_layers_to_build(transformer_config, vp_stage=vp_stage),
+            model_cfg.attention_backend,
         )
         chunks.append(
             MLMModel(
@@ -43,8 +46,15 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
-        logger.info("layer spec: %s (%s)", impl, why)
+        logger.info("kernels: %s", backends.summary())
     for c in chunks:
+        # Modules built outside megatron-core's layers (torch LayerNorm, the LM head's dense,
+        # e_mask) start on the CPU in fp32: move all to the GPU and to the model precision, as
+        # Megatron-LM's Float16Module does (the loss itself is computed in fp32).
+        if torch.cuda.is_available():
+            c.cuda(torch.cuda.current_device())
+        if transformer_config.bf16 or transformer_config.fp16:
+            c.to(dtype=transformer_config.params_dtype)
         for p in c.parameters():
             # megatron-core's optimizer and grad-norm code read this attribute
             if not hasattr(p, "tensor_model_parallel"):
@@ -69,8 +79,8 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
 
 
 def decoder_spec(model_cfg: ModelConfig):
-    spec, impl, _ = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers)
-    return with_cross_attention(spec, impl) if model_cfg.decoder_type == "cross" else spec
+    spec, impl, b = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers, model_cfg.attention_backend)
+    return with_cross_attention(spec, impl, b.attention) if model_cfg.decoder_type == "cross" else spec
 
 
 def unwrap(chunk):

@@ -21,6 +21,7 @@ and no padding back to the full length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -154,16 +155,20 @@ def gather_ids(x: Tensor, live: LiveSet) -> Tensor:
 class PlanRunner:
     """Executes a plan over a sequence of layers; holds the step's transient state only."""
 
-    def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None, sp: int = 1):
+    def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None, sp: int = 1,
+                 align: int = 1):
         # Sequence parallelism: h holds n / sp tokens per TP rank; every live set is padded so
-        # n divides, and plan steps work on the gathered sequence.
+        # n divides, and plan steps work on the gathered sequence. FP8 GEMMs need n to be a
+        # multiple of 16 (`align`): the padded slots are invalid (masked keys, never predicted,
+        # written to the bin row), so they change no loss and no importance update.
         self.sp = sp
-        if sp > 1:
+        multiple = math.lcm(sp, align)
+        if multiple > 1:
             T = plan.seq_len
-            plan.input_live = plan.input_live.padded(sp, T)
+            plan.input_live = plan.input_live.padded(multiple, T)
             for step in plan.steps.values():
                 if step.live is not None:
-                    step.live = step.live.padded(sp, T)
+                    step.live = step.live.padded(multiple, T)
         self.plan = plan
         self.real = real.bool()  # [b, T] padding mask
         self.live = plan.input_live

@@ -98,6 +98,8 @@ class MLMModel(LanguageModule):
             dec_config = dataclasses.replace(config, num_layers=decoder_layers, pipeline_model_parallel_size=1,
                                              pipeline_model_parallel_layout=None)
             self.decoder = TransformerBlock(config=dec_config, spec=decoder_layer_spec, pre_process=True, post_process=True)
+        cross = getattr(self.decoder.layers[0], "cross_attention", None) if self.decoder is not None else None
+        self._te_cross_attention = type(getattr(cross, "core_attention", None)).__name__.startswith("TE")
         if decoder_layers and pre_process:
             # e_mask lives beside the position embedding that builds the injected vectors.
             self.mask_embedding = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=config.params_dtype))
@@ -130,6 +132,12 @@ class MLMModel(LanguageModule):
         # Rows of every message between stages when shapes cannot vary (virtual pipeline
         # stages); None: each carry is sent at its own size (megatron-core variable_seq_lengths).
         self.fixed_carry_rows = None
+        # Live-token counts are padded to a multiple of this: FP8 GEMMs need 16 (MXFP8 32).
+        self.live_token_multiple = 1
+        if config.fp8:
+            from megatron.core.fp8_utils import get_fp8_align_size
+
+            self.live_token_multiple = get_fp8_align_size(config.fp8_recipe)
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -177,7 +185,8 @@ class MLMModel(LanguageModule):
             rotary = self.rotary_pos_emb(plan.seq_len)  # [T, 1, 1, d]
             rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
         c = self.config
-        return PlanRunner(plan, padding_mask, rotary=rotary, sp=c.tensor_model_parallel_size if c.sequence_parallel else 1)
+        return PlanRunner(plan, padding_mask, rotary=rotary, sp=c.tensor_model_parallel_size if c.sequence_parallel else 1,
+                          align=self.live_token_multiple)
 
     def _first_layer_index(self) -> int:
         return self.encoder.layers[0].layer_number - 1
@@ -195,7 +204,7 @@ class MLMModel(LanguageModule):
             hidden = runner.import_carry(carry, self._first_layer_index())
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
-        with rng:
+        with rng, self._fp8_context(whole_stage=True):
             hidden = self._run_block(self.encoder.layers, self._first_layer_index(), hidden, runner)
             if not self.post_process:
                 return runner.export_carry(hidden, self.encoder.layers[-1].layer_number)
@@ -233,17 +242,32 @@ class MLMModel(LanguageModule):
             cross = dict(context=ctx, context_mask=context_mask) if ctx is not None else {}
             return layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary, **cross)[0]
 
-        if self.config.recompute_granularity == "full" and self.training:
-            return tensor_parallel.checkpoint(run, False, hidden, context)
-        return run(hidden, context)
+        with self._fp8_context(layer_number=layer.layer_number):
+            if self.config.recompute_granularity == "full" and self.training:
+                return tensor_parallel.checkpoint(run, False, hidden, context)
+            return run(hidden, context)
+
+    def _fp8_context(self, whole_stage: bool = False, layer_number: int = 0):
+        """Transformer Engine's FP8 autocast, as megatron-core's TransformerBlock enters it: once
+        around the stage for the delayed-scaling recipe (one amax reduction), else per layer."""
+        c = self.config
+        if not c.fp8 or whole_stage != (c.fp8_recipe == "delayed"):
+            return contextlib.nullcontext()
+        from megatron.core.fp8_utils import get_fp8_context
+
+        return get_fp8_context(c) if whole_stage else get_fp8_context(c, layer_number - 1)
 
     def _run_block(self, layers, first_index, hidden, runner, decoder=False):
         for i, layer in enumerate(layers):
             idx = first_index + i  # global layer index: encoder 0..L-1, then the decoder
             hidden = runner.before_layer(idx, hidden)
             context = runner.context if decoder else None
+            context_mask = runner.context_mask if decoder else None
+            if context is not None and self._te_cross_attention:
+                # TE's padding mask for attention between different lengths: (queries, keys)
+                context_mask = (runner.attention_mask(), context_mask)
             hidden = self._layer_forward(layer, hidden, runner.attention_mask(), runner.rotary(),
-                                         context, runner.context_mask if decoder else None)
+                                         context, context_mask)
             self._count_layer_flops(hidden, context)
             runner.after_layer(idx, hidden)
         return hidden

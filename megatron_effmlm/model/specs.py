@@ -3,6 +3,7 @@ modules elsewhere. The choice and its reason are logged once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import warnings
@@ -14,13 +15,9 @@ logger = logging.getLogger(__name__)
 
 
 def te_available() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False, "transformer_engine is not installed"
-    return True, "Transformer Engine and a CUDA device are present"
+    from megatron_effmlm.model.backends import te_status
+
+    return te_status()
 
 
 class TorchLayerNorm(torch.nn.LayerNorm):
@@ -39,24 +36,62 @@ class TorchLayerNorm(torch.nn.LayerNorm):
             setattr(p, "sequence_parallel", config.sequence_parallel)
 
 
-def _local_block_spec(num_layers: int):
-    """megatron-core's local BERT layer spec with `TorchLayerNorm` where Apex is absent."""
+def _sdpa_attention_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAttention(DotProductAttention):
+        """megatron-core's DotProductAttention computed by torch's fused
+        `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU): the local
+        spec's fast attention where Transformer Engine is missing. Same parameters, same
+        masks (True = blocked), same RNG tracker for attention dropout."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if self.softmax_offset is not None or attention_bias is not None or packed_seq_params is not None \
+                    or getattr(self.scale_mask_softmax, "window_size", None) is not None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params)
+            rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if rep > 1:
+                key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
+            # [s, b, np, hn] -> [b, np, s, hn]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            allowed = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
+            p = self.attention_dropout.p if self.training else 0.0
+            rng = tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel and p > 0 \
+                else contextlib.nullcontext()
+            with rng:
+                ctx = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=allowed, dropout_p=p, scale=self.softmax_scale)
+            sq, b = query.shape[0], query.shape[1]
+            return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)  # [sq, b, hp]
+
+    return SDPAttention
+
+
+def _local_block_spec(num_layers: int, attention: str = "local"):
+    """megatron-core's local BERT layer spec with `TorchLayerNorm` where Apex is absent, and
+    torch SDPA as core attention when `attention == "sdpa"`."""
     from megatron.core.models.bert import bert_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     layer = bert_layer_specs.bert_layer_local_spec
     norm = bert_layer_specs.LNImpl
+    sub = layer.submodules
     if not bert_layer_specs.HAVE_APEX:
         norm = TorchLayerNorm
-        layer = ModuleSpec(
-            module=layer.module,
-            params=layer.params,
-            submodules=dataclasses.replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm),
-        )
+        sub = dataclasses.replace(sub, input_layernorm=norm, pre_mlp_layernorm=norm)
+    if attention == "sdpa":
+        attn = sub.self_attention
+        attn = ModuleSpec(module=attn.module, params=attn.params,
+                          submodules=dataclasses.replace(attn.submodules, core_attention=_sdpa_attention_class()))
+        sub = dataclasses.replace(sub, self_attention=attn)
+    layer = ModuleSpec(module=layer.module, params=layer.params, submodules=sub)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
-def with_cross_attention(block_spec, transformer_impl: str):
+def with_cross_attention(block_spec, transformer_impl: str, attention: str = "local"):
     """3ML-cross's decoder: the block's layers plus megatron-core's cross-attention submodules
     (queries from the decoder stream, keys/values from the encoder output)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -73,7 +108,8 @@ def with_cross_attention(block_spec, transformer_impl: str):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        q, kv, core, proj = ColumnParallelLinear, ColumnParallelLinear, DotProductAttention, RowParallelLinear
+        core = _sdpa_attention_class() if attention == "sdpa" else DotProductAttention
+        q, kv, proj = ColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
         norm = block_spec.layer_norm
     layers = []
     for layer in block_spec.layer_specs:
@@ -94,23 +130,19 @@ def with_cross_attention(block_spec, transformer_impl: str):
     return dataclasses.replace(block_spec, layer_specs=layers)
 
 
-def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
-    """Return (block spec, impl_name, reason) for `num_layers` layers on this stage."""
+def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, attention_backend: str = "auto"):
+    """Return (block spec, resolved transformer_impl, `Backends`) for `num_layers` layers."""
+    from megatron_effmlm.model.backends import select_backends
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Apex is not installed": expected on CPU
         from megatron.core.models.bert import bert_layer_specs
 
-    ok, why = te_available()
-    if transformer_impl == "auto":
-        transformer_impl = "transformer_engine" if ok else "local"
-    if transformer_impl == "transformer_engine":
-        if not ok:
-            raise ValueError(f"--transformer-impl transformer_engine: {why}")
+    b = select_backends(transformer_impl, attention_backend)
+    if b.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
         layer = bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
-        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm), "transformer_engine", why
-    if transformer_impl != "local":
-        raise ValueError(f"--transformer-impl {transformer_impl!r}: choose local, transformer_engine or auto")
-    return _local_block_spec(num_layers), "local", why if not ok else "requested"
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm), b.transformer_impl, b
+    return _local_block_spec(num_layers, b.attention), b.transformer_impl, b

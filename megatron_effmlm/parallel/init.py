@@ -78,6 +78,13 @@ def destroy():
         dist.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Where tensors for torch.distributed collectives must live: the GPU under NCCL."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _free_port() -> int:
     import socket
 

@@ -79,7 +79,7 @@ class Policy:
         """(loss summed over predicted tokens, number of predicted tokens, report).
 
         The schedule divides the step's gradient by the global number of predicted tokens."""
-        num_tokens = torch.tensor(out.lm_losses.numel(), dtype=torch.int)
+        num_tokens = torch.tensor(out.lm_losses.numel(), dtype=torch.int, device=out.lm_losses.device)
         lm_sum = out.lm_losses.sum()
         total = lm_sum
         report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens.float()])}

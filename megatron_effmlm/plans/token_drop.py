@@ -85,8 +85,10 @@ class TokenDropPolicy(Policy):
 
         if not self.training or ps.get_tensor_model_parallel_rank() != 0:
             return
-        labels = out.labels.cpu()
-        self._loss_sum.index_add_(0, labels, out.lm_losses.detach().double().cpu())
+        labels = out.labels
+        if self._loss_sum.device != labels.device:  # accumulate where the loss is (no sync)
+            self._loss_sum, self._count = self._loss_sum.to(labels.device), self._count.to(labels.device)
+        self._loss_sum.index_add_(0, labels, out.lm_losses.detach().double())
         self._count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
 
     def loss(self, out):
@@ -94,9 +96,13 @@ class TokenDropPolicy(Policy):
         return super().loss(out)
 
     def after_step(self, step):
+        from megatron_effmlm.parallel.init import comm_device
+
         stats = torch.stack([self._loss_sum, self._count])
         if dist.is_initialized():
+            stats = stats.to(comm_device())
             dist.all_reduce(stats)  # only last-stage, TP-rank-0 ranks contributed
+        stats = stats.cpu()
         seen = stats[1] > 0
         mean = stats[0][seen] / stats[1][seen]
         self.importance[seen] = self.beta * self.importance[seen] + (1 - self.beta) * mean

@@ -28,7 +28,7 @@ from megatron_effmlm.arguments import RunConfig, check_layout
 from megatron_effmlm.checkpoint import dist_ckpt
 from megatron_effmlm.config import ConfigError, build_transformer_config
 from megatron_effmlm.model.builder import build_model, unwrap
-from megatron_effmlm.parallel.init import initialize_distributed
+from megatron_effmlm.parallel.init import comm_device, initialize_distributed
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
 
@@ -94,6 +94,11 @@ class Trainer:
                 bf16=cfg.precision.bf16,
                 fp16=cfg.precision.fp16,
                 params_dtype=cfg.precision.params_dtype,
+                loss_scale=cfg.precision.loss_scale,
+                initial_loss_scale=cfg.precision.initial_loss_scale,
+                min_loss_scale=cfg.precision.min_loss_scale,
+                loss_scale_window=cfg.precision.loss_scale_window,
+                hysteresis=cfg.precision.hysteresis,
                 use_distributed_optimizer=par.use_distributed_optimizer,
             ),
             self.model,
@@ -199,6 +204,8 @@ class Trainer:
         batch = next(data_iterator)
         if getattr(unwrap(model), "vp_stage", None) in (None, 0):  # every chunk reads the batch
             self._batch_tokens += int(batch["padding_mask"].sum())
+        if torch.cuda.is_available():
+            batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = model(**self.policy.model_inputs(batch, self.iteration))
         return out, self.policy.loss
 
@@ -219,11 +226,11 @@ class Trainer:
     def _reduce_report(self, reports, key="lm loss") -> float:
         """Global mean of a per-token loss: sum over micro-batches and data-parallel ranks
         on the last stage, then shared with every rank of the pipeline (nan if absent)."""
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=comm_device())
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for r in reports:
                 if key in r:
-                    total += r[key].double()
+                    total += r[key].double().to(total.device)
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
@@ -234,7 +241,7 @@ class Trainer:
         local = sum(unwrap(m).forward_flops for m in self.model) if ps.get_tensor_model_parallel_rank() == 0 else 0.0
         for m in self.model:
             unwrap(m).forward_flops = 0.0
-        t = torch.tensor([local], dtype=torch.float64)
+        t = torch.tensor([local], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t)
         return t.item()
 
@@ -256,7 +263,7 @@ class Trainer:
         self.policy.after_step(self.iteration)
         loss = self._reduce_report(reports)
         extra = {k: self._reduce_report(reports, k) for k in self.EXTRA_REPORTS}
-        tokens = torch.tensor([self._batch_tokens], dtype=torch.float64)
+        tokens = torch.tensor([self._batch_tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         flops = 3.0 * self._forward_flops()  # backward = 2x forward
         self.train_flops += flops

@@ -1,0 +1,337 @@
+"""Training throughput, model TFLOP/s and MFU of every method in BERT-base and BERT-large
+shapes at T = 512, in bf16 (and FP8 where Transformer Engine runs), with megatron-core's
+`BertModel` (LM head on every position, the same layer spec) measured in the same run.
+
+    python bench/gpu_throughput.py                      # GPU: base + large, bf16 (+ fp8 if TE)
+    python bench/gpu_throughput.py --quick              # CPU smoke run: tiny shape, fp32, 2 steps
+
+A step is what training/loop.py does (bench/step_time.py's Runner): zero grads, megatron-core's
+forward/backward schedule on one micro-batch, finalize grads, the optimizer step (megatron-core's
+mixed-precision optimizer: fp32 main weights), the policy's after_step. Batches are real packed
+demo-corpus batches (bench/step_time.py's build_data; T = 512, masking 0.15, 3ML 0.5).
+
+Model FLOPs are the engine's own count of what ran (training.flops; backward = 2 x forward);
+the baseline's are every layer and the head on all positions. MFU = model TFLOP/s / the
+device's dense peak for the precision (--peak-tflops overrides; H100/H200 SXM: 989 bf16,
+1979 FP8). Each configuration is measured on its own (build, warm-up, timed steps, free).
+The FLOP-model check compares each method's step time ratio to the baseline with its
+predicted FLOP ratio (target: within 8%).
+
+Results: bench/results/gpu_throughput_<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (REPO_ROOT, os.path.join(REPO_ROOT, "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+SHAPES = {  # (layers, hidden, heads)
+    "bert-base": (12, 768, 12),
+    "bert-large": (24, 1024, 16),
+    "tiny": (4, 128, 2),
+}
+METHODS = ["vanilla", "3ml", "token-drop", "sctd", "random-ltd", "megatron-bert"]
+BASELINE = "megatron-bert"
+# Dense peak TFLOP/s per GPU (NVIDIA data sheets, without sparsity).
+PEAKS = {"h100 sxm": {"bf16": 989.4, "fp8": 1978.9}, "h100 pcie": {"bf16": 756.0, "fp8": 1513.0},
+         "h200": {"bf16": 989.4, "fp8": 1978.9}, "a100": {"bf16": 312.0}}
+TARGETS = {"bert-large bf16 mfu": 0.50, "fp8 / bf16 tokens/s": 1.30, "flop tolerance": 0.08}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shape, T=128, fp32, vanilla + baseline, 2 steps (CPU smoke run)")
+    p.add_argument("--shapes", default="bert-base,bert-large")
+    p.add_argument("--precisions", default="auto", help="comma list of fp32, bf16, fp8; auto: bf16 (+ fp8 where TE runs FP8)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=30522, help="model vocabulary (BERT's); the demo tokenizer has 8192")
+    p.add_argument("--tokenizer-vocab", type=int, default=8192)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-batches", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--decoder-layers", type=int, default=2)
+    p.add_argument("--td-keep-ratio", type=float, default=0.5)
+    p.add_argument("--sctd-interval", type=int, default=10)
+    p.add_argument("--ltd-start", type=int, default=128, help="random-ltd kept tokens (its schedule's start)")
+    p.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "data", "bench"))
+    p.add_argument("--results-dir", default=os.path.join(REPO_ROOT, "bench", "results"))
+    p.add_argument("--tag", default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.shapes, a.seq_length, a.micro_batch_size, a.vocab = "tiny", 128, 2, 8192
+        a.methods, a.warmup, a.steps, a.num_batches, a.ltd_start = "vanilla,3ml,megatron-bert", 1, 2, 1, 32
+    a.shapes = [s for s in a.shapes.split(",") if s]
+    for s in a.shapes:
+        if s not in SHAPES:
+            p.error(f"--shapes: unknown {s!r}; choose from {', '.join(SHAPES)}")
+    a.methods = [m for m in METHODS if m in a.methods.split(",")]
+    if BASELINE not in a.methods:
+        a.methods.append(BASELINE)
+    return a
+
+
+def peak_for(name: str, precision: str, override=None):
+    if precision == "fp32":
+        return None
+    if override:
+        return override * (2 if precision == "fp8" else 1)
+    n = name.lower()
+    key = "h100 pcie" if "h100" in n and "pcie" in n else "h100 sxm" if "h100" in n else \
+        "h200" if "h200" in n else "a100" if "a100" in n else None
+    return PEAKS.get(key, {}).get(precision)
+
+
+def resolve_precisions(spec: str):
+    from megatron_effmlm.model.backends import fp8_status
+
+    if spec != "auto":
+        return [s for s in spec.split(",") if s]
+    if not torch.cuda.is_available():
+        return ["fp32"]
+    return ["bf16", "fp8"] if fp8_status()[0] else ["bf16"]
+
+
+def build_runner(a, name, shape, precision, tok, batches):
+    """One method's model, optimizer and policy (step_time.Runner), in `precision`."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.bert.bert_model import BertModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.model.specs import get_layer_spec
+    from megatron_effmlm.parallel.init import set_seed
+    from megatron_effmlm.plans import get_policy
+    from step_time import Runner
+
+    L, d, heads = SHAPES[shape]
+    prec = PrecisionConfig(bf16=precision in ("bf16", "fp8"), fp8_format="hybrid" if precision == "fp8" else None)
+    set_seed(a.seed)
+    mcfg = ModelConfig(num_layers=L, hidden_size=d, num_attention_heads=heads, seq_length=a.seq_length,
+                       vocab_size=a.vocab, hidden_dropout=a.dropout, attention_dropout=a.dropout,
+                       transformer_impl=a.transformer_impl, attention_backend=a.attention_backend,
+                       decoder_layers=a.decoder_layers if name == "3ml" else 0)
+    tconfig = build_transformer_config(mcfg, ParallelConfig(), prec)
+    if name == BASELINE:
+        # Megatron-LM's BERT with the same layers (spec, kernels, precision) as ours.
+        spec, _, _ = get_layer_spec(a.transformer_impl, 1, a.attention_backend)
+        bert = BertModel(config=tconfig, num_tokentypes=0, transformer_layer_spec=spec.layer_specs[0],
+                         vocab_size=mcfg.padded_vocab_size(), max_sequence_length=mcfg.max_position_embeddings,
+                         pre_process=True, post_process=True, share_embeddings_and_output_weights=True,
+                         parallel_output=True, add_binary_head=False)
+        if torch.cuda.is_available():
+            bert.cuda()
+        if prec.bf16:
+            bert.to(dtype=torch.bfloat16)
+        for p in bert.parameters():
+            if not hasattr(p, "tensor_model_parallel"):
+                p.tensor_model_parallel = False
+        model = DistributedDataParallel(
+            config=tconfig, module=bert,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                     use_distributed_optimizer=False, check_for_nan_in_grad=False))
+    else:
+        model = build_model(mcfg, ParallelConfig(), tconfig)[0]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
+                        bf16=prec.bf16, params_dtype=prec.params_dtype), [model])
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = model.no_sync
+    policy, step_index = None, None
+    if name != BASELINE:
+        opts = {"3ml": dict(decoder_layers=a.decoder_layers), "token-drop": dict(td_keep_ratio=a.td_keep_ratio),
+                "sctd": dict(td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval),
+                "random-ltd": dict(ltd_start=a.ltd_start)}.get(name, {})
+        policy = get_policy(name, tokenizer=tok, num_layers=L, seed=a.seed, **opts)
+        # sctd: its plain steps (every --sctd-interval-th adds a full pass); random-ltd: its start
+        step_index = {"sctd": 1, "random-ltd": 0}.get(name)
+    data = batches["3ml" if name == "3ml" else "vanilla"]
+    if torch.cuda.is_available():
+        data = [{k: v.cuda() for k, v in b.items()} for b in data]
+    return Runner(name, model, optimizer, data, policy, step_index), mcfg
+
+
+def measure(a, runner, mcfg, log):
+    from megatron_effmlm.training.flops import head_flops, layer_flops
+
+    for _ in range(a.warmup):
+        runner.step()
+    times = [runner.step() for _ in range(a.steps)]
+    med = statistics.median(times)
+    b, T = runner.batches[0]["text"].shape
+    tokens = sum(int(x["padding_mask"].sum()) for x in runner.batches) / len(runner.batches)
+    if runner.forward_flops:
+        fwd = statistics.median(runner.forward_flops[a.warmup:])
+    else:  # BertModel: every layer and the head on all T positions
+        fwd = mcfg.num_layers * b * layer_flops(T, mcfg.hidden_size, mcfg.ffn_hidden_size) + \
+            head_flops(b * T, mcfg.hidden_size, mcfg.padded_vocab_size())
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return dict(median_s=med, min_s=min(times), times_s=times, tokens_per_s=tokens / med,
+                model_tflops=3 * fwd / med / 1e12, step_model_flops=3 * fwd, loss=runner.last_loss,
+                cuda_peak_gib=peak_mem)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    import megatron.core
+
+    from megatron_effmlm.model.backends import select_backends
+    from megatron_effmlm.parallel.init import initialize_distributed
+    from step_time import build_data, device_name, device_tag, git_state, predicted_flops
+
+    initialize_distributed(1, 1, None, a.seed)
+    kernels = select_backends(a.transformer_impl, a.attention_backend)
+    log(f"device: {device_name()} | kernels: {kernels.summary()}")
+    tok, batches = build_data(a, log)
+    precisions = resolve_precisions(a.precisions)
+    dev = device_name()
+    rows = []
+    for shape in a.shapes:
+        L, d, heads = SHAPES[shape]
+        for precision in precisions:
+            peak = peak_for(dev, precision, a.peak_tflops)
+            for name in a.methods:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    runner, mcfg = build_runner(a, name, shape, precision, tok, batches)
+                    r = measure(a, runner, mcfg, log)
+                except torch.OutOfMemoryError as e:  # report it, go on with the next configuration
+                    log(f"{shape} {precision} {name}: out of memory ({str(e).splitlines()[0]})")
+                    r = dict(error="out of memory")
+                    runner = None
+                r.update(shape=shape, precision=precision, method=name,
+                         mfu=r["model_tflops"] / peak if peak and "model_tflops" in r else None)
+                ns = argparse.Namespace(seq_length=a.seq_length, num_layers=L, hidden_size=d,
+                                        model_vocab_padded=((a.vocab + 127) // 128) * 128,
+                                        decoder_layers=a.decoder_layers, td_keep_ratio=a.td_keep_ratio,
+                                        ltd_len=a.ltd_start)
+                r["predicted_flops_per_seq"] = predicted_flops(ns, "megatron-bert" if name == BASELINE else name)
+                rows.append(r)
+                if "median_s" in r:
+                    log(f"{shape:10s} {precision:4s} {name:13s} step {r['median_s'] * 1e3:8.1f} ms | "
+                        f"{r['tokens_per_s']:10.0f} tok/s | {r['model_tflops']:7.1f} TFLOP/s"
+                        + (f" | MFU {100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "")
+                        + f" | loss {r['loss']:.3f}")
+                del runner
+    # Ratios to the baseline of the same shape and precision, and FP8 over bf16.
+    for r in rows:
+        base = next((x for x in rows if x["method"] == BASELINE and x["shape"] == r["shape"]
+                     and x["precision"] == r["precision"] and "median_s" in x), None)
+        if base and "median_s" in r:
+            r["time_ratio"] = r["median_s"] / base["median_s"]
+            r["predicted_ratio"] = r["predicted_flops_per_seq"] / base["predicted_flops_per_seq"]
+            r["measured_over_predicted"] = r["time_ratio"] / r["predicted_ratio"]
+            r["within_flop_tolerance"] = abs(r["measured_over_predicted"] - 1) <= TARGETS["flop tolerance"]
+        bf = next((x for x in rows if x["precision"] == "bf16" and x["shape"] == r["shape"]
+                   and x["method"] == r["method"] and "median_s" in x), None)
+        if r["precision"] == "fp8" and bf and "median_s" in r:
+            r["fp8_speedup"] = r["tokens_per_s"] / bf["tokens_per_s"]
+    res = {
+        "device": dev, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "?"),
+        "kernels": kernels.reasons, "git": git_state(),
+        "command": " ".join(["python", "bench/gpu_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": dict(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size, vocab=a.vocab,
+                       warmup=a.warmup, steps=a.steps, dropout=a.dropout, decoder_layers=a.decoder_layers,
+                       td_keep_ratio=a.td_keep_ratio, ltd_start=a.ltd_start),
+        "targets": TARGETS, "rows": rows, "wall_s": time.perf_counter() - start,
+    }
+    tag = a.tag or device_tag()
+    paths = write_outputs(a, res, tag)
+    print()
+    print(markdown(res))
+    print("results:\n  " + "\n  ".join(os.path.relpath(p, os.getcwd()) for p in paths))
+    return 0
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(res):
+    c = res["config"]
+    lines = [f"Device: {res['device']}; {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
+             "Kernels: " + "; ".join(f"{k}: {v}" for k, v in res["kernels"].items()) + ".",
+             f"T={c['seq_length']}, micro-batch {c['micro_batch_size']}, vocab {c['vocab']}, dropout {c['dropout']}; "
+             f"{c['warmup']} warm-up + {c['steps']} timed steps each.", "",
+             "| shape | precision | method | step (ms) | tokens/s | model TFLOP/s | MFU | / megatron-bert | FLOP-predicted | within 8% | FP8 / bf16 | peak mem (GiB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|"]
+    for r in res["rows"]:
+        if "median_s" not in r:
+            lines.append(f"| {r['shape']} | {r['precision']} | {r['method']} | {r.get('error')} | | | | | | | | |")
+            continue
+        w = r.get("within_flop_tolerance")
+        lines.append(
+            f"| {r['shape']} | {r['precision']} | {r['method']} | {r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} "
+            f"| {r['model_tflops']:.1f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+            f"| {fmt(r.get('time_ratio'), '.3f')} | {fmt(r.get('predicted_ratio'), '.3f')} "
+            f"| {'-' if w is None or r['method'] == BASELINE else ('yes' if w else 'no')} "
+            f"| {fmt(r.get('fp8_speedup'), '.2f')} | {fmt(r.get('cuda_peak_gib'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(a, res, tag):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(a.results_dir, exist_ok=True)
+    stem = os.path.join(a.results_dir, f"gpu_throughput_{tag}")
+    for ext, text in ((".json", json.dumps(res, indent=2)), (".md", markdown(res))):
+        with open(stem + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + ext + ".tmp", stem + ext)
+    groups = [(s, p) for s in a.shapes for p in sorted({r["precision"] for r in res["rows"]})]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.4), squeeze=False)
+    for ax, (shape, prec) in zip(axes[0], groups):
+        rs = [r for r in res["rows"] if r["shape"] == shape and r["precision"] == prec and "median_s" in r]
+        names = [r["method"] for r in rs]
+        bars = ax.bar(names, [r["tokens_per_s"] / 1e3 for r in rs], color=["#888" if n == BASELINE else "#3b75af" for n in names])
+        ax.bar_label(bars, labels=[f"{r['tokens_per_s'] / 1e3:.0f}k" + (f"\n{100 * r['mfu']:.0f}% MFU" if r["mfu"] else "")
+                                   for r in rs], fontsize=7)
+        ax.set_title(f"{shape} {prec}, T={a.seq_length}", fontsize=9)
+        ax.set_ylabel("training tokens/s (thousands)")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(f"{res['device']} | {res['date']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".tmp.png", dpi=110)
+    os.replace(stem + ".tmp.png", stem + ".png")
+    plt.close(fig)
+    return [stem + e for e in (".json", ".md", ".png")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

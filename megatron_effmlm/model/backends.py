@@ -1,0 +1,150 @@
+"""Which fast kernels this machine has, and which of them a run uses.
+
+Each choice is made once, from what is importable and whether CUDA is present, and logged
+with its reason, so a run on a cluster says why it did (or did not) get Transformer Engine,
+Apex's fused LayerNorm / Adam / weight-gradient accumulation, or fused attention. On CPU
+every answer is the plain PyTorch / megatron-core path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from typing import Dict, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _importable(name: str) -> Tuple[bool, str]:
+    try:
+        importlib.import_module(name)
+        return True, f"{name} is installed"
+    except Exception as e:  # ImportError, or an extension built for another torch/CUDA
+        return False, f"{name} is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+@functools.lru_cache(maxsize=None)
+def te_status() -> Tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    ok, why = _importable("transformer_engine.pytorch")
+    if not ok:
+        return False, why
+    import transformer_engine
+
+    return True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')} and a CUDA device"
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_status() -> Tuple[bool, str]:
+    ok, why = te_status()
+    if not ok:
+        return False, why
+    from transformer_engine.pytorch.fp8 import check_fp8_support
+
+    supported, reason = check_fp8_support()
+    return bool(supported), reason or "FP8 GEMMs supported by this GPU"
+
+
+@functools.lru_cache(maxsize=None)
+def apex_status() -> Dict[str, Tuple[bool, str]]:
+    """Apex's pieces that megatron-core uses, each on its own (a partial Apex build is common)."""
+    if not torch.cuda.is_available():
+        return {k: (False, "no CUDA device") for k in ("fused_layer_norm", "fused_adam", "grad_accum_fusion")}
+    return {
+        "fused_layer_norm": _importable("fused_layer_norm_cuda"),
+        "fused_adam": _importable("apex.optimizers"),
+        "grad_accum_fusion": _importable("fused_weight_gradient_mlp_cuda"),
+    }
+
+
+def sdpa_status() -> Tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (megatron-core's DotProductAttention is the tested CPU path)"
+    return True, "torch scaled_dot_product_attention (fused flash / memory-efficient kernels)"
+
+
+@dataclasses.dataclass
+class Backends:
+    """What a run uses; `reasons` says why, for the log."""
+
+    transformer_impl: str  # "transformer_engine" | "local"
+    attention: str  # "te" (TE picks flash/fused/unfused) | "sdpa" | "local" (megatron-core's unfused)
+    fused_layer_norm: bool
+    grad_accum_fusion: bool
+    jit_fusions: bool  # megatron-core's bias-GELU and bias-dropout-add fusions (CUDA)
+    optimizer: str  # what megatron-core's get_megatron_optimizer will build for adam
+    reasons: Dict[str, str]
+
+    def summary(self) -> str:
+        return "; ".join(f"{k}: {v}" for k, v in self.reasons.items())
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "local", "flash", "fused", "unfused")
+
+
+def select_backends(transformer_impl: str = "auto", attention_backend: str = "auto") -> Backends:
+    """Resolve --transformer-impl and --attention-backend against this machine.
+
+    Raises ValueError naming the flag when an explicit request cannot be met."""
+    te_ok, te_why = te_status()
+    reasons = {}
+    if transformer_impl == "auto":
+        transformer_impl = "transformer_engine" if te_ok else "local"
+        reasons["layer spec"] = f"{transformer_impl} ({te_why})"
+    elif transformer_impl == "transformer_engine":
+        if not te_ok:
+            raise ValueError(f"--transformer-impl transformer_engine: {te_why}")
+        reasons["layer spec"] = f"transformer_engine (requested; {te_why})"
+    elif transformer_impl == "local":
+        reasons["layer spec"] = "local (requested)"
+    else:
+        raise ValueError(f"--transformer-impl {transformer_impl!r}: choose local, transformer_engine or auto")
+
+    if attention_backend not in ATTENTION_CHOICES:
+        raise ValueError(f"--attention-backend {attention_backend!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    if transformer_impl == "transformer_engine":
+        if attention_backend in ("sdpa", "local"):
+            raise ValueError(f"--attention-backend {attention_backend} is for --transformer-impl local; "
+                             "Transformer Engine takes auto, flash, fused or unfused")
+        attention = "te"
+        reasons["attention"] = f"Transformer Engine DotProductAttention, backend {attention_backend}"
+    else:
+        if attention_backend in ("flash", "fused", "unfused"):
+            raise ValueError(f"--attention-backend {attention_backend} selects a Transformer Engine kernel; "
+                             "with --transformer-impl local choose auto, sdpa or local")
+        sdpa_ok, sdpa_why = sdpa_status()
+        if attention_backend == "auto":
+            attention = "sdpa" if sdpa_ok else "local"
+            reasons["attention"] = f"{attention} ({sdpa_why})"
+        else:
+            attention = attention_backend
+            reasons["attention"] = f"{attention} (requested)"
+
+    apex = apex_status()
+    fused_ln = transformer_impl == "local" and apex["fused_layer_norm"][0]
+    if transformer_impl == "local":
+        reasons["layer norm"] = "apex FusedLayerNorm" if fused_ln else f"torch LayerNorm ({apex['fused_layer_norm'][1]})"
+    grad_accum = torch.cuda.is_available() and (te_ok if transformer_impl == "transformer_engine"
+                                                else apex["grad_accum_fusion"][0])
+    reasons["grad-accumulation fusion"] = "on" if grad_accum else (
+        f"off ({apex['grad_accum_fusion'][1] if transformer_impl == 'local' else te_why})")
+    jit = torch.cuda.is_available()
+    reasons["bias-gelu / bias-dropout-add fusion"] = "on (CUDA)" if jit else "off (no CUDA device)"
+    # megatron-core's own import order for adam: TE's FusedAdam, then Apex's, then torch AdamW.
+    if te_ok:
+        opt = "Transformer Engine FusedAdam"
+    elif apex["fused_adam"][0]:
+        opt = "apex FusedAdam"
+    else:
+        opt = "torch AdamW" + ("" if torch.cuda.is_available() else " (CPU)")
+    reasons["optimizer"] = opt
+    return Backends(transformer_impl, attention, fused_ln, grad_accum, jit, opt, reasons)
+
+
+def log_backends(b: Backends) -> None:
+    logger.info("kernels: %s", b.summary())

@@ -1,0 +1,164 @@
+"""The GPU paths: bf16 / fp16 against fp32, torch SDPA against megatron-core's attention,
+the Transformer Engine spec against the local spec, FP8 training, and the trainer end to end
+in 16-bit precision. Run on a GPU machine with
+
+    EFFMLM_TEST_GPU=1 .venv/bin/python -m pytest -q tests/test_gpu.py
+
+(without EFFMLM_TEST_GPU=1 the suite hides CUDA and tests the CPU path, so these skip)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import GPU_TESTS, tiny_model_args
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (GPU_TESTS and torch.cuda.is_available()), reason="needs a CUDA device and EFFMLM_TEST_GPU=1"),
+]
+
+L, H, NH = 4, 128, 4
+METHODS = ["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"]
+
+
+def _model(vocab, precision="fp32", impl="local", attention="local", method="vanilla"):
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.builder import build_model
+
+    torch.manual_seed(0)
+    dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
+    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
+                      hidden_dropout=0.0, attention_dropout=0.0, transformer_impl=impl, attention_backend=attention, **dec)
+    prec = PrecisionConfig(bf16=precision == "bf16", fp16=precision == "fp16")
+    tc = build_transformer_config(cfg, ParallelConfig(), prec)
+    return build_model(cfg, ParallelConfig(), tc, wrap_ddp=False)[0]
+
+
+def _policy(method, tok):
+    from megatron_effmlm.plans import get_policy
+
+    opts = {"3ml": dict(decoder_layers=2), "3ml-cross": dict(decoder_layers=2, decoder_type="cross"),
+            "token-drop": dict(td_keep_ratio=0.4), "sctd": dict(td_keep_ratio=0.4),
+            "random-ltd": dict(ltd_start=20, ltd_steps=100, ltd_granularity=4)}.get(method, {})
+    return get_policy(method.replace("-cross", ""), tokenizer=tok, num_layers=L, seed=3, **opts)
+
+
+def _batch(demo_batch, tok, method):
+    batch = {k: v.clone().cuda() for k, v in demo_batch.items()}
+    if method.startswith("3ml"):
+        batch["text"][batch["loss_mask"].bool()] = tok.mask
+    return batch
+
+
+def _run(model, method, tok, batch):
+    model.zero_grad()
+    policy = _policy(method, tok)
+    out = model(**policy.model_inputs(batch, 0))  # step 0: sctd's consistency step
+    total, n, _ = policy.loss(out)
+    (total / n).backward()
+    grads = {k: p.grad.float() for k, p in model.named_parameters() if p.grad is not None}
+    return float(total / n), grads
+
+
+def _compare(ref, other, loss_rtol, min_cos):
+    (l1, g1), (l2, g2) = ref, other
+    assert abs(l2 - l1) <= loss_rtol * abs(l1), (l1, l2)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        a, b = g1[k].flatten(), g2[k].flatten()
+        if a.norm() < 1e-8:
+            continue
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        assert cos >= min_cos, (k, cos)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16bit_matches_fp32(mcore_single, demo_batch, demo_tokenizer, method, precision):
+    tok = demo_tokenizer
+    ref = _model(tok.vocab_size, method=method)
+    half = _model(tok.vocab_size, precision, method=method)
+    half.load_state_dict(ref.state_dict())
+    assert next(half.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+    batch = _batch(demo_batch, tok, method)
+    _compare(_run(ref, method, tok, batch), _run(half, method, tok, batch), loss_rtol=2e-2, min_cos=0.98)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sdpa_matches_local_attention_bf16(mcore_single, demo_batch, demo_tokenizer, method):
+    tok = demo_tokenizer
+    ref = _model(tok.vocab_size, "bf16", attention="local", method=method)
+    sdpa = _model(tok.vocab_size, "bf16", attention="sdpa", method=method)
+    sdpa.load_state_dict(ref.state_dict())
+    assert type(sdpa.encoder.layers[0].self_attention.core_attention).__name__ == "SDPAttention"
+    batch = _batch(demo_batch, tok, method)
+    _compare(_run(ref, method, tok, batch), _run(sdpa, method, tok, batch), loss_rtol=1e-2, min_cos=0.99)
+
+
+def _te_state_from_local(sd):
+    """Local-spec parameter names -> the TE spec's (LayerNorms fused into the next linear)."""
+    out = {}
+    for k, v in sd.items():
+        k2 = k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight") \
+              .replace("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias") \
+              .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight") \
+              .replace("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias") \
+              .replace("pre_cross_attn_layernorm.weight", "pre_cross_attn_layernorm.weight")
+        out[k2] = v
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_transformer_engine_spec_matches_local_bf16(mcore_single, demo_batch, demo_tokenizer, method):
+    from megatron_effmlm.model.backends import te_status
+
+    ok, why = te_status()
+    if not ok:
+        pytest.skip(f"Transformer Engine: {why}")
+    tok = demo_tokenizer
+    ref = _model(tok.vocab_size, "bf16", impl="local", method=method)
+    te = _model(tok.vocab_size, "bf16", impl="transformer_engine", attention="auto", method=method)
+    missing, unexpected = te.load_state_dict(_te_state_from_local(ref.state_dict()), strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")], missing
+    assert not unexpected, unexpected
+    batch = _batch(demo_batch, tok, method)
+    (l1, g1), (l2, g2) = _run(ref, method, tok, batch), _run(te, method, tok, batch)
+    assert abs(l2 - l1) <= 2e-2 * abs(l1), (l1, l2)
+
+
+def _pretrain(args, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", EFFMLM_TEST_GPU="1")
+    r = subprocess.run([sys.executable, "pretrain_effmlm.py", *args], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+)", r.stdout)]
+    return r.stdout, losses
+
+
+@pytest.mark.parametrize("method,precision", [("vanilla", "--bf16"), ("3ml", "--bf16"), ("token-drop", "--bf16"),
+                                              ("sctd", "--fp16"), ("random-ltd", "--fp16")])
+def test_trainer_16bit_loss_falls(demo_data_prefix, demo_tokenizer_dir, test_cache_dir, method, precision):
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, test_cache_dir, **{
+        "--method": method, precision: "", "--num-layers": "4", "--hidden-size": "128", "--train-iters": "40",
+        "--micro-batch-size": "8", "--global-batch-size": "16", "--lr": "1e-3", "--log-interval": "5"})
+    out, losses = _pretrain(args)
+    assert len(losses) == 8, out[-3000:]
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_fp8_trains(demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    from megatron_effmlm.model.backends import fp8_status
+
+    ok, why = fp8_status()
+    if not ok:
+        pytest.skip(f"FP8: {why}")
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, test_cache_dir, **{
+        "--bf16": "", "--fp8-format": "hybrid", "--num-layers": "4", "--hidden-size": "128", "--train-iters": "40",
+        "--micro-batch-size": "8", "--global-batch-size": "16", "--lr": "1e-3", "--log-interval": "5",
+        "--method": "token-drop"})
+    out, losses = _pretrain(args)
+    assert losses[-1] < losses[0] - 1.0, losses

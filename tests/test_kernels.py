@@ -1,0 +1,173 @@
+"""Kernel selection (TE / Apex / SDPA and their fallbacks), torch SDPA attention against
+megatron-core's DotProductAttention, FP8's live-token padding (it must change no loss, no
+gradient and no importance update), and the GPU benchmark's quick mode. CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+from megatron_effmlm.model.backends import select_backends
+from megatron_effmlm.model.mlm_model import MLMModel
+from megatron_effmlm.model.specs import get_layer_spec
+from megatron_effmlm.plans import get_policy
+
+L, H, NH = 4, 64, 4
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fallbacks (tests/test_gpu.py covers CUDA)")
+
+
+def test_cpu_selects_local_kernels_and_says_why():
+    b = select_backends("auto", "auto")
+    assert (b.transformer_impl, b.attention, b.fused_layer_norm, b.grad_accum_fusion, b.jit_fusions) == \
+        ("local", "local", False, False, False)
+    assert b.reasons["layer spec"] == "local (no CUDA device)"
+    assert b.reasons["optimizer"] == "torch AdamW (CPU)"
+    assert select_backends("local", "sdpa").attention == "sdpa"
+
+
+@pytest.mark.parametrize("impl,attn,message", [
+    ("transformer_engine", "auto", "--transformer-impl transformer_engine: no CUDA device"),
+    ("local", "flash", "--attention-backend flash selects a Transformer Engine kernel; "
+                       "with --transformer-impl local choose auto, sdpa or local"),
+])
+def test_impossible_kernel_requests_name_the_flag(impl, attn, message):
+    with pytest.raises(ValueError) as e:
+        select_backends(impl, attn)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine: no CUDA device"),
+    (["--fp8-format", "hybrid"], "--fp8-format hybrid needs Transformer Engine on an FP8-capable GPU: no CUDA device"),
+    (["--bf16"], "--bf16 needs a CUDA device; CPU runs train in fp32"),
+    (["--fp16"], "--fp16 needs a CUDA device; CPU runs train in fp32"),
+])
+def test_cli_refuses_gpu_only_flags_on_cpu(flags, message):
+    from megatron_effmlm.arguments import parse_args
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--data-path", "x", "--tokenizer-dir", "y", *flags])
+    assert str(e.value) == message
+
+
+def test_fp8_alignment_follows_the_recipe():
+    assert PrecisionConfig().live_token_multiple() == 1
+    assert PrecisionConfig(bf16=True, fp8_format="hybrid").live_token_multiple() == 16
+    assert PrecisionConfig(bf16=True, fp8_format="e4m3", fp8_recipe="mxfp8").live_token_multiple() == 32
+
+
+def _model(vocab, attention="local", decoder_layers=0, decoder_type="self"):
+    from megatron_effmlm.model.builder import decoder_spec
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
+                      hidden_dropout=0.0, attention_dropout=0.0, decoder_layers=decoder_layers,
+                      decoder_type=decoder_type, transformer_impl="local", attention_backend=attention)
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
+    return MLMModel(tc, get_layer_spec("local", L, attention)[0], cfg.padded_vocab_size(), 64,
+                    decoder_layers=decoder_layers, decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None)
+
+
+def _policy(method, tok):
+    # keep ratio 0.4 and 20 random-LTD tokens: live counts that are not multiples of 16
+    opts = {"3ml": dict(decoder_layers=2), "3ml-cross": dict(decoder_layers=2, decoder_type="cross"),
+            "token-drop": dict(td_keep_ratio=0.4), "sctd": dict(td_keep_ratio=0.4),
+            "random-ltd": dict(ltd_start=20, ltd_steps=100, ltd_granularity=4)}.get(method, {})
+    p = get_policy(method.replace("-cross", ""), tokenizer=tok, num_layers=L, seed=3, **opts)
+    if hasattr(p, "importance"):  # a learned-looking table, so the kept sets are not trivial
+        p.importance = torch.rand(tok.vocab_size, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 20
+        p._pin()
+    return p
+
+
+def _batch(demo_batch, tok, method):
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    if method.startswith("3ml"):
+        batch["text"][batch["loss_mask"].bool()] = tok.mask
+    return batch
+
+
+def _loss_and_grads(model, policy, batch, step):
+    model.zero_grad()
+    out = model(**policy.model_inputs(batch, step))
+    total, n, _ = policy.loss(out)
+    (total / n).backward()
+    return (total / n).detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+METHODS = ["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sdpa_attention_equals_megatron_dot_product_attention(demo_batch, demo_tokenizer, method):
+    tok = demo_tokenizer
+    dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
+    ref = _model(tok.vocab_size, "local", **dec)
+    sdpa = _model(tok.vocab_size, "sdpa", **dec)
+    sdpa.load_state_dict(ref.state_dict())
+    core = sdpa.encoder.layers[0].self_attention.core_attention
+    assert type(core).__name__ == "SDPAttention"
+    if method == "3ml-cross":
+        assert type(sdpa.decoder.layers[0].cross_attention.core_attention).__name__ == "SDPAttention"
+    batch = _batch(demo_batch, tok, method)
+    step = 0  # sctd: a consistency step (two passes, KL terms)
+    l1, g1 = _loss_and_grads(ref, _policy(method, tok), batch, step)
+    l2, g2 = _loss_and_grads(sdpa, _policy(method, tok), batch, step)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp8_live_token_padding_changes_nothing(demo_batch, demo_tokenizer, method):
+    """Every live set padded to a multiple of 16 (what FP8 GEMMs need): the same losses and
+    gradients, and (token dropping) the same importance table after the update."""
+    tok = demo_tokenizer
+    dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
+    plain = _model(tok.vocab_size, **dec)
+    padded = _model(tok.vocab_size, **dec)
+    padded.load_state_dict(plain.state_dict())
+    padded.live_token_multiple = 16
+    batch = _batch(demo_batch, tok, method)
+    sizes = {"plain": [], "padded": []}
+    hooks = []
+    for key, m in (("plain", plain), ("padded", padded)):
+        layers = list(m.encoder.layers) + (list(m.decoder.layers) if m.decoder is not None else [])
+        for layer in layers:
+            hooks.append(layer.register_forward_pre_hook(
+                lambda mod, args, kwargs, key=key: sizes[key].append(kwargs["hidden_states"].shape[0]), with_kwargs=True))
+    p1, p2 = _policy(method, tok), _policy(method, tok)
+    for step in (0, 1):
+        l1, g1 = _loss_and_grads(plain, p1, batch, step)
+        l2, g2 = _loss_and_grads(padded, p2, batch, step)
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+        for k in g1:
+            torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-6, msg=k)
+        p1.after_step(step + 1)
+        p2.after_step(step + 1)
+        if hasattr(p1, "importance"):
+            torch.testing.assert_close(p2.importance, p1.importance, rtol=0, atol=1e-12)
+    for h in hooks:
+        h.remove()
+    assert all(n % 16 == 0 for n in sizes["padded"]), sizes["padded"]
+    if method != "vanilla":  # T = 64 is already a multiple of 16: only changed live sets pad
+        assert sizes["padded"] != sizes["plain"], "no live set needed padding: the test would prove nothing"
+
+
+def test_gpu_benchmark_quick_mode_runs_on_cpu(repo_root, tmp_path, demo_tokenizer_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--quick", "--results-dir", str(tmp_path),
+                        "--tag", "quick"], cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.load(open(tmp_path / "gpu_throughput_quick.json"))
+    rows = {x["method"]: x for x in res["rows"]}
+    assert set(rows) == {"vanilla", "3ml", "megatron-bert"}
+    assert rows["megatron-bert"]["time_ratio"] == 1.0
+    for x in rows.values():
+        assert x["tokens_per_s"] > 0 and x["model_tflops"] > 0 and x["loss"] == x["loss"]
+    assert (tmp_path / "gpu_throughput_quick.png").stat().st_size > 0
