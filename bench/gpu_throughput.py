@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--ltd-start", type=int, default=128, help="random-ltd kept tokens (its schedule's start)")
     p.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-bias-fusions", action="store_true", help="megatron-core's bias-GELU / bias-dropout-add fusions off")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "data", "bench"))
@@ -130,15 +131,28 @@ def build_runner(a, name, shape, precision, tok, batches):
     mcfg = ModelConfig(num_layers=L, hidden_size=d, num_attention_heads=heads, seq_length=a.seq_length,
                        vocab_size=a.vocab, hidden_dropout=a.dropout, attention_dropout=a.dropout,
                        transformer_impl=a.transformer_impl, attention_backend=a.attention_backend,
+                       bias_gelu_fusion=not a.no_bias_fusions, bias_dropout_fusion=not a.no_bias_fusions,
                        decoder_layers=a.decoder_layers if name == "3ml" else 0)
     tconfig = build_transformer_config(mcfg, ParallelConfig(), prec)
     if name == BASELINE:
-        # Megatron-LM's BERT with the same layers (spec, kernels, precision) as ours.
-        spec, _, _ = get_layer_spec(a.transformer_impl, 1, a.attention_backend)
-        bert = BertModel(config=tconfig, num_tokentypes=0, transformer_layer_spec=spec.layer_specs[0],
+        # Megatron-LM's BERT with the same layers (spec, kernels, precision) as ours. BertModel
+        # recognises the local spec only by megatron-core's own core attention class: build it
+        # with that, then put in the same SDPA attention our models use (it has no parameters).
+        from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+
+        spec, impl, kernels = get_layer_spec(a.transformer_impl, 1, a.attention_backend)
+        bert = BertModel(config=tconfig, num_tokentypes=0,
+                         transformer_layer_spec=bert_layer_local_spec if impl == "local" else spec.layer_specs[0],
                          vocab_size=mcfg.padded_vocab_size(), max_sequence_length=mcfg.max_position_embeddings,
                          pre_process=True, post_process=True, share_embeddings_and_output_weights=True,
                          parallel_output=True, add_binary_head=False)
+        if impl == "local" and kernels.attention == "sdpa":
+            from megatron_effmlm.model.specs import _sdpa_attention_class
+
+            for layer in bert.encoder.layers:
+                old = layer.self_attention.core_attention
+                layer.self_attention.core_attention = _sdpa_attention_class()(
+                    tconfig, old.layer_number, old.attn_mask_type, "self")
         if torch.cuda.is_available():
             bert.cuda()
         if prec.bf16:
@@ -177,7 +191,10 @@ def measure(a, runner, mcfg, log):
 
     for _ in range(a.warmup):
         runner.step()
-    times = [runner.step() for _ in range(a.steps)]
+    times = []
+    for _ in range(a.steps):
+        times.append(runner.step())
+        runner.opt_times.append(runner.last_opt)
     med = statistics.median(times)
     b, T = runner.batches[0]["text"].shape
     tokens = sum(int(x["padding_mask"].sum()) for x in runner.batches) / len(runner.batches)
@@ -188,6 +205,7 @@ def measure(a, runner, mcfg, log):
             head_flops(b * T, mcfg.hidden_size, mcfg.padded_vocab_size())
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return dict(median_s=med, min_s=min(times), times_s=times, tokens_per_s=tokens / med,
+                optimizer_s=statistics.median(runner.opt_times) if runner.opt_times else None,
                 model_tflops=3 * fwd / med / 1e12, step_model_flops=3 * fwd, loss=runner.last_loss,
                 cuda_peak_gib=peak_mem)
 
@@ -240,7 +258,8 @@ def main(argv=None):
                 r["predicted_flops_per_seq"] = predicted_flops(ns, "megatron-bert" if name == BASELINE else name)
                 rows.append(r)
                 if "median_s" in r:
-                    log(f"{shape:10s} {precision:4s} {name:13s} step {r['median_s'] * 1e3:8.1f} ms | "
+                    log(f"{shape:10s} {precision:4s} {name:13s} step {r['median_s'] * 1e3:8.1f} ms "
+                        f"(optimizer {r['optimizer_s'] * 1e3:.1f}) | "
                         f"{r['tokens_per_s']:10.0f} tok/s | {r['model_tflops']:7.1f} TFLOP/s"
                         + (f" | MFU {100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "")
                         + f" | loss {r['loss']:.3f}")

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+                   help="unfused bias + GELU (the fusion is torch.compile'd: it recompiles for dynamic shapes)")
+    g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false")
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
                    help="layer spec: Transformer Engine where TE and a GPU exist (auto), else megatron-core's local")
@@ -236,6 +239,8 @@ def config_from_args(a) -> RunConfig:
         bert_binary_head=a.bert_binary_head,
         transformer_impl=a.transformer_impl,
         attention_backend=a.attention_backend,
+        bias_gelu_fusion=a.bias_gelu_fusion,
+        bias_dropout_fusion=a.bias_dropout_fusion,
         decoder_layers=method_options.get("decoder_layers", 0),
         decoder_type=method_options.get("decoder_type", "self"),
     )

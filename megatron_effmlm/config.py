@@ -35,6 +35,8 @@ class ModelConfig:
     bert_binary_head: bool = False
     transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
     attention_backend: str = "auto"  # local spec: sdpa | local; TE: flash | fused | unfused; auto
+    bias_gelu_fusion: bool = True  # megatron-core's fused bias+GELU / bias+dropout+add, on a GPU
+    bias_dropout_fusion: bool = True
     decoder_layers: int = 0  # 3ML's decoder (pre-training only; export drops it)
     decoder_type: str = "self"  # 3ML-self, or "cross": the decoder also cross-attends to the encoder
 
@@ -157,8 +159,8 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         use_cpu_initialization=not on_gpu,
         # Fused kernels where this machine has them (model/backends.py logs the choice).
         gradient_accumulation_fusion=kernels.grad_accum_fusion,
-        bias_activation_fusion=kernels.jit_fusions,
-        bias_dropout_fusion=kernels.jit_fusions,
+        bias_activation_fusion=kernels.jit_fusions and model.bias_gelu_fusion,
+        bias_dropout_fusion=kernels.jit_fusions and model.bias_dropout_fusion,
         masked_softmax_fusion=False,  # the attention is fused as a whole instead (TE or SDPA)
         persist_layer_norm=kernels.fused_layer_norm,
         **te_attention,

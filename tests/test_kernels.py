@@ -171,3 +171,28 @@ def test_gpu_benchmark_quick_mode_runs_on_cpu(repo_root, tmp_path, demo_tokenize
     for x in rows.values():
         assert x["tokens_per_s"] > 0 and x["model_tflops"] > 0 and x["loss"] == x["loss"]
     assert (tmp_path / "gpu_throughput_quick.png").stat().st_size > 0
+
+
+def test_foreach_fallbacks_equal_megatron_core_local_ones():
+    """The sync-free replacements (compat/gpu_fallbacks.py) compute what megatron-core's
+    local multi-tensor fallbacks compute."""
+    from megatron.core.utils import local_multi_tensor_scale
+
+    from megatron_effmlm.compat.gpu_fallbacks import foreach_l2_norm, foreach_scale
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in ((3, 4), (7,), (2, 5, 6))]
+    with torch.device("cpu"):
+        ours, _ = foreach_l2_norm(0, None, [ts], False)
+        theirs = torch.norm(torch.stack([torch.norm(t) for t in ts]))
+    torch.testing.assert_close(ours, theirs.reshape(1), rtol=1e-6, atol=0)
+    dst1 = [torch.empty_like(t, dtype=torch.bfloat16) for t in ts]
+    dst2 = [torch.empty_like(t, dtype=torch.bfloat16) for t in ts]
+    foreach_scale(0, None, [ts, dst1], 0.37)
+    local_multi_tensor_scale(0, None, [ts, dst2], 0.37)
+    for a, b in zip(dst1, dst2):
+        assert torch.equal(a, b)
+    inplace = [t.clone() for t in ts]
+    foreach_scale(0, None, [inplace, inplace], 2.0)
+    for a, t in zip(inplace, ts):
+        assert torch.equal(a, t * 2.0)

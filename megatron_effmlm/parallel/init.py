@@ -25,6 +25,9 @@ def initialize_distributed(
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.activate()
+    from megatron_effmlm.compat import gpu_fallbacks
+
+    gpu_fallbacks.activate()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
