@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="auto", help="comma list of fp32, bf16, fp8; auto: bf16 (+ fp8 where TE runs FP8)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default per shape: 64 for bert-base, 32 for bert-large (enough work per kernel launch)")
     p.add_argument("--vocab", type=int, default=30522, help="model vocabulary (BERT's); the demo tokenizer has 8192")
     p.add_argument("--tokenizer-vocab", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=3)
@@ -82,6 +83,8 @@ def parse_args(argv=None):
         a.shapes, a.seq_length, a.micro_batch_size, a.vocab = "tiny", 128, 2, 8192
         a.methods, a.warmup, a.steps, a.num_batches, a.ltd_start = "vanilla,3ml,megatron-bert", 1, 2, 1, 32
     a.shapes = [s for s in a.shapes.split(",") if s]
+    a.batch_by_shape = {s: a.micro_batch_size or {"bert-base": 64, "bert-large": 32}.get(s, 8) for s in a.shapes}
+    a.micro_batch_size = max(a.batch_by_shape.values())  # build_data: batches of the largest, sliced
     for s in a.shapes:
         if s not in SHAPES:
             p.error(f"--shapes: unknown {s!r}; choose from {', '.join(SHAPES)}")
@@ -169,6 +172,9 @@ def build_runner(a, name, shape, precision, tok, batches):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
                         bf16=prec.bf16, params_dtype=prec.params_dtype), [model])
+    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
+
+    fuse_torch_adamw(optimizer)  # as training/loop.py does
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = model.no_sync
@@ -180,7 +186,8 @@ def build_runner(a, name, shape, precision, tok, batches):
         policy = get_policy(name, tokenizer=tok, num_layers=L, seed=a.seed, **opts)
         # sctd: its plain steps (every --sctd-interval-th adds a full pass); random-ltd: its start
         step_index = {"sctd": 1, "random-ltd": 0}.get(name)
-    data = batches["3ml" if name == "3ml" else "vanilla"]
+    mb = a.batch_by_shape[shape]
+    data = [{k: v[:mb] for k, v in b.items()} for b in batches["3ml" if name == "3ml" else "vanilla"]]
     if torch.cuda.is_available():
         data = [{k: v.cuda() for k, v in b.items()} for b in data]
     return Runner(name, model, optimizer, data, policy, step_index), mcfg
@@ -282,7 +289,7 @@ def main(argv=None):
         "torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "?"),
         "kernels": kernels.reasons, "git": git_state(),
         "command": " ".join(["python", "bench/gpu_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": dict(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size, vocab=a.vocab,
+        "config": dict(seq_length=a.seq_length, micro_batch_size=a.batch_by_shape, vocab=a.vocab,
                        warmup=a.warmup, steps=a.steps, dropout=a.dropout, decoder_layers=a.decoder_layers,
                        td_keep_ratio=a.td_keep_ratio, ltd_start=a.ltd_start),
         "targets": TARGETS, "rows": rows, "wall_s": time.perf_counter() - start,
@@ -304,6 +311,7 @@ def markdown(res):
     lines = [f"Device: {res['device']}; {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
              "Kernels: " + "; ".join(f"{k}: {v}" for k, v in res["kernels"].items()) + ".",
              f"T={c['seq_length']}, micro-batch {c['micro_batch_size']}, vocab {c['vocab']}, dropout {c['dropout']}; "
+             "local spec: attention by torch SDPA, bias fusions off, optimizer as the kernels line says; "
              f"{c['warmup']} warm-up + {c['steps']} timed steps each.", "",
              "| shape | precision | method | step (ms) | tokens/s | model TFLOP/s | MFU | / megatron-bert | FLOP-predicted | within 8% | FP8 / bf16 | peak mem (GiB) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|"]

@@ -162,3 +162,41 @@ def test_fp8_trains(demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
         "--method": "token-drop"})
     out, losses = _pretrain(args)
     assert losses[-1] < losses[0] - 0.5, losses  # about 8.1 -> 7.1 in fp32 on CPU
+
+
+def test_fused_adamw_fallback_same_training(mcore_single, demo_batch, demo_tokenizer):
+    """Without TE/Apex, megatron-core's torch AdamW is switched to torch's fused kernel: three
+    bf16 optimizer steps give the same weights as the unfused optimizer."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.backends import select_backends
+    from megatron_effmlm.model.builder import build_model
+
+    if select_backends().optimizer != "torch AdamW (fused)":
+        pytest.skip("TE or Apex provides the fused Adam here")
+    tok = demo_tokenizer
+    batch = _batch(demo_batch, tok, "vanilla")
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=tok.vocab_size,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+        prec = PrecisionConfig(bf16=True)
+        ddp = build_model(cfg, ParallelConfig(), build_transformer_config(cfg, ParallelConfig(), prec))[0]
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16), [ddp])
+        assert fuse_torch_adamw(opt) == 1  # on a GPU without TE/Apex
+        if not fused:  # the reference: switch it back to torch's default (foreach) update
+            for g in opt.optimizer.param_groups:
+                g.update(fused=False, foreach=None)
+        for _ in range(3):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            _run(ddp.module, "vanilla", tok, batch)
+            ddp.finish_grad_sync()
+            opt.step()
+        assert opt.optimizer.param_groups[0]["fused"] is fused
+        results.append([p.detach().float().clone() for p in ddp.module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)

@@ -196,3 +196,33 @@ def test_foreach_fallbacks_equal_megatron_core_local_ones():
     foreach_scale(0, None, [inplace, inplace], 2.0)
     for a, t in zip(inplace, ts):
         assert torch.equal(a, t * 2.0)
+
+
+def test_fused_torch_adamw_makes_the_same_update(mcore_single):
+    """compat.gpu_fallbacks.fuse_torch_adamw switches megatron-core's torch AdamW fallback to
+    torch's fused kernel (GPU only); the fused kernel computes the same update (checked here
+    with torch's CPU fused kernel) and is a no-op without CUDA."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
+
+    def run(fused):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(8, 4)
+        for p in lin.parameters():
+            p.tensor_model_parallel = False
+        opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.01, fused=fused)
+        for i in range(3):
+            opt.zero_grad()
+            lin(torch.randn(5, 8, generator=torch.Generator().manual_seed(i))).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in lin.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    from megatron_effmlm.model.builder import build_model
+
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16, vocab_size=100)
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), build_model(cfg, ParallelConfig(), tc))
+    assert fuse_torch_adamw(opt) == 0  # CPU: megatron-core's choice is left alone

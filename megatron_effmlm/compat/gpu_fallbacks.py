@@ -39,6 +39,32 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale) if scale != 1.0 else src)
 
 
+def fuse_torch_adamw(optimizer) -> int:
+    """Where megatron-core fell back to `torch.optim.AdamW` (no TE, no Apex) on a GPU, switch
+    on torch's fused AdamW kernel (the same update, one kernel for all tensors instead of
+    several foreach passes). Returns the number of torch optimizers switched."""
+    if not torch.cuda.is_available():
+        return 0
+    inner = []
+    stack = [optimizer]
+    while stack:
+        o = stack.pop()
+        stack.extend(getattr(o, "chained_optimizers", []))
+        if hasattr(o, "optimizer") and not hasattr(o, "chained_optimizers"):
+            inner.append(o.optimizer)
+    n = 0
+    for opt in inner:
+        if type(opt) is torch.optim.AdamW and all(p.is_cuda for g in opt.param_groups for p in g["params"]):
+            opt.defaults.update(fused=True, foreach=False)
+            for g in opt.param_groups:
+                g.update(fused=True, foreach=False)
+            for p, st in opt.state.items():  # a loaded state: fused wants its step counts on the device
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            n += 1
+    return n
+
+
 def activate() -> bool:
     """Install the replacements where megatron-core uses its local fallbacks; True if it did."""
     global _active

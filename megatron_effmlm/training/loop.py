@@ -141,6 +141,9 @@ class Trainer:
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.train_flops = float(extra.get("train_flops", 0.0))
                 self.policy.load_state_dict(extra.get("policy", {}))
+        from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
+
+        fuse_torch_adamw(self.optimizer)  # GPU without TE/Apex: torch's fused AdamW
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
