@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--ltd-start", type=int, default=128, help="random-ltd kept tokens (its schedule's start)")
     p.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--live-token-multiple", type=int, default=1,
+                   help="pad every live set to a multiple of this (kernel-friendly shapes; FP8 needs 16)")
     p.add_argument("--no-bias-fusions", action="store_true", help="megatron-core's bias-GELU / bias-dropout-add fusions off")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
     p.add_argument("--seed", type=int, default=1234)
@@ -169,6 +171,9 @@ def build_runner(a, name, shape, precision, tok, batches):
                                                      use_distributed_optimizer=False, check_for_nan_in_grad=False))
     else:
         model = build_model(mcfg, ParallelConfig(), tconfig)[0]
+        from megatron_effmlm.model.builder import unwrap
+
+        unwrap(model).live_token_multiple = max(unwrap(model).live_token_multiple, a.live_token_multiple)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
                         bf16=prec.bf16, params_dtype=prec.params_dtype), [model])
