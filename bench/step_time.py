@@ -148,7 +148,7 @@ def git_state():
     commit = git("rev-parse", "HEAD")
     if not commit:  # not a checkout (e.g. a `git archive` export): say which commit it was, if told
         return {"commit": os.environ.get("BENCH_SOURCE_COMMIT", "unknown (not a git checkout)"), "dirty_library_files": []}
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "megatron_effmlm").splitlines()]
+    dirty = [line.split(maxsplit=1)[-1] for line in git("status", "--porcelain", "--", "megatron_effmlm").splitlines()]
     return {"commit": commit, "dirty_library_files": dirty}
 
 
@@ -159,15 +159,11 @@ def sync():
 
 # ----------------------------------------------------------------------------- data
 
-def build_data(a, log):
-    """Tokenizer + .bin/.idx of the demo corpus under data/bench (reused when present), and the
-    real batches: vanilla's (0.15, 80/10/10) and 3ML's (0.5, all [MASK]), same samples."""
-    from megatron_effmlm.data.batches import make_data_iterator
-    from megatron_effmlm.data.dataset import build_train_valid_test_datasets
+def corpus_and_tokenizer(a, log):
+    """The demo corpus JSONL and a WordPiece tokenizer trained on it, under a.data_dir (reused)."""
     from megatron_effmlm.data.demo_corpus import DUMP_NAME, get_demo_corpus
     from megatron_effmlm.data.jsonl import iter_jsonl
-    from megatron_effmlm.data.preprocess import output_prefix_for, preprocess
-    from megatron_effmlm.data.tokenizer import META_FILE, EffMLMTokenizer, train_tokenizer
+    from megatron_effmlm.data.tokenizer import META_FILE, train_tokenizer
 
     os.makedirs(a.data_dir, exist_ok=True)
     # Reuse the demo dump the project may already hold (data/cache) instead of downloading it again.
@@ -188,6 +184,18 @@ def build_data(a, log):
         train_tokenizer(texts, "wordpiece", a.tokenizer_vocab, tmp, lowercase=True)
         shutil.rmtree(tok_dir, ignore_errors=True)
         os.replace(tmp, tok_dir)
+    return jsonl, tok_dir
+
+
+def build_data(a, log):
+    """Tokenizer + .bin/.idx of the demo corpus under data/bench (reused when present), and the
+    real batches: vanilla's (0.15, 80/10/10) and 3ML's (0.5, all [MASK]), same samples."""
+    from megatron_effmlm.data.batches import make_data_iterator
+    from megatron_effmlm.data.dataset import build_train_valid_test_datasets
+    from megatron_effmlm.data.preprocess import output_prefix_for, preprocess
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    jsonl, tok_dir = corpus_and_tokenizer(a, log)
     tok = EffMLMTokenizer.from_dir(tok_dir)
 
     base = os.path.join(a.data_dir, f"wiki_wp{a.tokenizer_vocab}")
