@@ -3,7 +3,7 @@ corpus for 1, 2 and 4 workers: documents/s, MB/s of input and tokens/s, the spee
 worker and the scaling efficiency, with sentence splitting (Punkt) and without. Every worker
 count must write byte-identical .bin/.idx files (checked).
 
-    python bench/preprocess.py                 # the demo corpus repeated 4x (~28 MB), workers 1,2,4
+    python bench/preprocess.py                 # the demo corpus repeated 4x (~11 MB), workers 1,2,4
     python bench/preprocess.py --quick         # 1x, workers 1,2 (a smoke run)
 
 Results: bench/results/preprocess_<tag>.{json,md,png} (tag: cpu<cores>, e.g. cpu2).
