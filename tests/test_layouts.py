@@ -97,9 +97,11 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
                 scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
         for lay, largs in METHOD_LAYOUTS_4.items():
             scen4[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
-    # Resharding back: token dropping saved on TP=2 x PP=2 after STEPS steps, loaded on one process.
-    refs["token-drop"]["steps"] = STEPS + 1
-    scen4["token-drop/tp2pp2"]["save_final"] = str(tmp / "td_tp2pp2")
+    # Resharding back: token dropping and 3ML (its injection stage's tied copies) saved on
+    # TP=2 x PP=2 after STEPS steps, loaded on one process.
+    for m in ("token-drop", "3ml"):
+        refs[m]["steps"] = STEPS + 1
+        scen4[f"{m}/tp2pp2"]["save_final"] = str(tmp / f"{m}_tp2pp2")
     ref_results = _run(tmp, 1, refs, "method_refs")  # also writes the init checkpoints
     # Uneven pipeline splits: explicit (3 + 1) for token dropping, FLOP-balanced for 3ML.
     scen["token-drop/pp2_split31"] = {"args": base + METHODS["token-drop"] + [
@@ -110,7 +112,8 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
         "steps": STEPS}
     results = _run(tmp, 2, scen, "method_layouts")
     results.update(_run(tmp, 4, scen4, "method_layouts_4"))
-    back = {"td_back": {"args": base + METHODS["token-drop"] + ["--load", str(tmp / "td_tp2pp2")], "steps": 1}}
+    back = {f"{m}_back": {"args": base + METHODS[m] + ["--load", str(tmp / f"{m}_tp2pp2")], "steps": 1}
+            for m in ("token-drop", "3ml")}
     results.update(_run(tmp, 1, back, "method_back"))
     return ref_results, results
 
@@ -130,12 +133,14 @@ def test_method_layout_equals_single_process(method_results, method, layout):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), (method, layout, a, b)
 
 
-def test_reshard_tp2pp2_checkpoint_to_one_process(method_results):
-    """Model, optimizer state, LR schedule, data position and the importance table saved on
+@pytest.mark.parametrize("method", ["token-drop", "3ml"])
+def test_reshard_tp2pp2_checkpoint_to_one_process(method_results, method):
+    """Model, optimizer state, LR schedule, data position and the importance table (token
+    dropping) or the injection stage's tied e_mask / position-table copies (3ML) saved on
     TP=2 x PP=2 continue on one process with the uninterrupted run's next loss."""
     refs, results = method_results
-    nxt = results["td_back"]["steps"][0]
-    want = refs["token-drop"]["steps"][STEPS]
+    nxt = results[f"{method}_back"]["steps"][0]
+    want = refs[method]["steps"][STEPS]
     assert nxt["iteration"] == want["iteration"] == STEPS + 1
     assert nxt["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert nxt["lr"] == want["lr"]
@@ -163,8 +168,8 @@ def _expected_rows(method, st, step):
     dropped = max(n - int(round(0.5 * n)) for n in real)  # token dropping keeps round(n / 2)
     if method == "vanilla":
         return T
-    if method in ("3ml", "3ml-cross"):  # kept tokens + the mask vectors that enter later
-        return max(n - m for n, m in zip(real, masks)) + max(masks)
+    if method in ("3ml", "3ml-cross"):  # the unmasked tokens only: the last stage builds the masks
+        return max(n - m for n, m in zip(real, masks))
     if method == "token-drop":  # all tokens (the drop is at layer 2) + the pre-drop states
         return T + dropped
     if method == "sctd":  # the dropped pass, and on consistency steps (every 2nd) the full one

@@ -16,7 +16,8 @@ runner's state at its first layer without being told. Between stages travels the
 (`export_carry` / `import_carry`): the live tokens, the stash rows that a later step will
 read (token dropping's dropped tokens, random-LTD's passed-over tokens, 3ML's mask vectors),
 the encoder output for 3ML-cross's decoder, and captured first-token states: nothing else,
-and no padding back to the full length.
+and no padding back to the full length. 3ML's mask vectors never travel: the stage holding the
+injection step builds them from its own (tied) copies of e_mask and the position table.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class TokenPlan:
                 break
             if step.live is not None:
                 new = _mask_of(step.live, real)
-                needed |= new & ~live
+                if not step.inject:  # injected vectors are built on the injection stage itself
+                    needed |= new & ~live
                 live = new
         return LiveSet.from_mask(needed) if bool(needed.any()) else None
 

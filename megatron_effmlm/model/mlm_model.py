@@ -100,10 +100,21 @@ class MLMModel(LanguageModule):
             self.decoder = TransformerBlock(config=dec_config, spec=decoder_layer_spec, pre_process=True, post_process=True)
         cross = getattr(self.decoder.layers[0], "cross_attention", None) if self.decoder is not None else None
         self._te_cross_attention = type(getattr(cross, "core_attention", None)).__name__.startswith("TE")
-        if decoder_layers and pre_process:
+        if decoder_layers and (pre_process or post_process):
             # e_mask lives beside the position embedding that builds the injected vectors.
             self.mask_embedding = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=config.params_dtype))
             config.init_method(self.mask_embedding.data.view(1, -1))
+        if decoder_layers and post_process and not pre_process:
+            # 3ML's injection stage (the decoder's) builds e_mask + P[pos] itself, so the encoder
+            # stages send only the T - m unmasked tokens. Its position table and e_mask are
+            # copies of the first stage's, tied as megatron-core ties the output layer to the
+            # word embedding: same start (tie_injection_params), gradients summed over the
+            # embedding group (allreduce_tied_injection_grads), saved once (sharded_state_dict).
+            self.injection_position_embeddings = torch.nn.Embedding(
+                max_sequence_length, config.hidden_size, dtype=config.params_dtype)
+            for p in (self.injection_position_embeddings.weight, self.mask_embedding):
+                p.tied_to_first_stage = True
+                p.shared = True  # megatron-core's grad norm counts a tied tensor once (param_is_not_shared)
         if post_process:
             # The head sees full (gathered) sequences of predicted tokens, never a
             # sequence-parallel shard: build it with sequence_parallel off.
@@ -138,6 +149,24 @@ class MLMModel(LanguageModule):
             from megatron.core.fp8_utils import get_fp8_align_size
 
             self.live_token_multiple = get_fp8_align_size(config.fp8_recipe)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron-core's, with the injection stage's tied copies saved as replicas of the first
+        stage's position table and e_mask (so any layout loads them)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if hasattr(self, "injection_position_embeddings"):
+            from megatron.core import parallel_state as ps
+            from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+            dp = ps.get_data_parallel_rank(with_context_parallel=True)
+            for key, first_key, tensor in (
+                ("injection_position_embeddings.weight", "embedding.position_embeddings.weight",
+                 self.injection_position_embeddings.weight),
+                ("mask_embedding", "mask_embedding", self.mask_embedding),
+            ):
+                sd[prefix + key] = make_sharded_tensor_for_checkpoint(
+                    tensor, prefix + first_key, replica_id=(1, ps.get_tensor_model_parallel_rank(), dp))
+        return sd
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -197,11 +226,12 @@ class MLMModel(LanguageModule):
         if self.pre_process:
             types = gather_ids(tokentype_ids, live) if tokentype_ids is not None else None
             hidden = self.embedding(gather_ids(input_ids, live), gather_ids(position_ids, live), tokentype_ids=types)
-            if hasattr(self, "mask_embedding"):  # 3ML: e_mask + P[pos] at every position, [T+1, b, h]
-                inj = (self.embedding.position_embeddings(position_ids) + self.mask_embedding).transpose(0, 1)
-                runner.stash = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)
         else:  # [rows, b, h] from the previous pipeline stage
             hidden = runner.import_carry(carry, self._first_layer_index())
+        if self.decoder is not None:  # 3ML, on the injection stage: e_mask + P[pos] at every position
+            table = self.embedding.position_embeddings if self.pre_process else self.injection_position_embeddings
+            inj = (table(position_ids) + self.mask_embedding).transpose(0, 1)  # [T, b, h]
+            runner.stash = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)  # + the bin row
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng, self._fp8_context(whole_stage=True):

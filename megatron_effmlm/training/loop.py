@@ -35,6 +35,14 @@ from megatron_effmlm.training.progress import Progress
 logger = logging.getLogger(__name__)
 
 
+def _finalize_model_grads(model, *args, **kwargs):
+    """megatron-core's finalize_model_grads, then 3ML's tied injection tensors (PP > 1)."""
+    from megatron_effmlm.model.builder import allreduce_tied_injection_grads
+
+    finalize_model_grads(model, *args, **kwargs)
+    allreduce_tied_injection_grads(model)
+
+
 def _has_weights(data_path) -> bool:
     return len(data_path) > 1
 
@@ -117,7 +125,7 @@ class Trainer:
             wd_incr_steps=decay_iters * t.global_batch_size,
             wd_incr_style="constant",
         )
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.finalize_model_grads_func = _finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.tconfig.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
