@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"])
+    g.add_argument("--model-arch", default="megatron-bert", choices=["megatron-bert", "bert", "roberta"],
+                   help="megatron-bert: pre-LayerNorm (megatron-core); bert, roberta: post-LayerNorm with an "
+                        "embedding LayerNorm, as the original models (tools/export_hf.py)")
+    g.add_argument("--num-tokentypes", type=int, default=0,
+                   help="token-type embeddings (default: 2 with --bert-binary-head, else none; imported models keep theirs)")
 
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -214,6 +219,8 @@ def config_from_args(a) -> RunConfig:
         transformer_impl=a.transformer_impl,
         decoder_layers=method_options.get("decoder_layers", 0),
         decoder_type=method_options.get("decoder_type", "self"),
+        model_arch=a.model_arch,
+        num_tokentypes=a.num_tokentypes,
     )
     par = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,

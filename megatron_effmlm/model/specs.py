@@ -94,13 +94,19 @@ def with_cross_attention(block_spec, transformer_impl: str):
     return dataclasses.replace(block_spec, layer_specs=layers)
 
 
-def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
-    """Return (block spec, impl_name, reason) for `num_layers` layers on this stage."""
+def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, post_layernorm: bool = False):
+    """Return (block spec, impl_name, reason) for `num_layers` layers on this stage.
+    `post_layernorm`: original BERT/RoBERTa blocks (model/post_ln.py), local modules only."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Apex is not installed": expected on CPU
         from megatron.core.models.bert import bert_layer_specs
 
     ok, why = te_available()
+    if post_layernorm:
+        if transformer_impl == "transformer_engine":
+            raise ValueError("--transformer-impl transformer_engine: post-LayerNorm layers (--model-arch bert|roberta) "
+                             "exist for the local spec only")
+        ok, why = False, "post-LayerNorm layers use the local spec"
     if transformer_impl == "auto":
         transformer_impl = "transformer_engine" if ok else "local"
     if transformer_impl == "transformer_engine":
@@ -113,4 +119,10 @@ def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1):
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm), "transformer_engine", why
     if transformer_impl != "local":
         raise ValueError(f"--transformer-impl {transformer_impl!r}: choose local, transformer_engine or auto")
-    return _local_block_spec(num_layers), "local", why if not ok else "requested"
+    block = _local_block_spec(num_layers)
+    if post_layernorm:
+        from megatron_effmlm.model.post_ln import post_ln_layer_spec
+
+        layer = post_ln_layer_spec(block.layer_specs[0], block.layer_norm)
+        block = dataclasses.replace(block, layer_specs=[layer] * num_layers, layer_norm=None)  # no final LN
+    return block, "local", why if not ok else "requested"
