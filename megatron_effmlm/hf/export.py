@@ -58,7 +58,14 @@ def load_model(path: str, common: dict):
     from megatron_effmlm.model.builder import build_model
     from megatron_effmlm.parallel.init import initialize_distributed
 
-    initialize_distributed(1, 1, None, seed=1234)
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_distributed(1, 1, None, seed=1234)
+    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ExportError("export runs on one process (TP=PP=1); it reshards any saved layout itself")
+    # Loading restores RNG states saved on this layout: keep the caller's (tests share a process).
+    rng = torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states()
     m = dict(common["run_info"]["model"])
     # The saved word embedding's rows: padded for the layout that wrote it.
     meta = dist_checkpointing.load_tensors_metadata(path)
@@ -69,6 +76,8 @@ def load_model(path: str, common: dict):
     tc = build_transformer_config(mc, ParallelConfig(), PrecisionConfig())
     model = build_model(mc, ParallelConfig(), tc, wrap_ddp=False)[0]
     dist_ckpt.load_checkpoint(path, [model], None, None, {})
+    torch.set_rng_state(rng[0])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng[1])
     model.eval()
     return model
 

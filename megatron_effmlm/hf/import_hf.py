@@ -23,6 +23,7 @@ class HFImportError(ConversionError):
     pass
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
 _TYPE_TO_TARGET = {v[0]: k for k, v in TARGETS.items()}
 
 
@@ -58,6 +59,11 @@ def tokenizer_to_ours(folder: str, out_dir: str) -> None:
 
     from megatron_effmlm.data.tokenizer import FORMAT_VERSION, HF_FILE, META_FILE
 
+    # transformers builds an empty tokenizer from config.json alone: look for the files first.
+    files = [f for f in TOKENIZER_FILES if all(os.path.isfile(os.path.join(folder, n)) for n in f)]
+    if not files:
+        raise HFImportError(f"--hf-dir {folder} has no tokenizer: none of "
+                            f"{', '.join(' + '.join(f) for f in TOKENIZER_FILES)}")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
@@ -92,6 +98,22 @@ def tokenizer_to_ours(folder: str, out_dir: str) -> None:
 
 def import_hf(folder: str, output: str, seq_length: Optional[int] = None, max_tp: int = 8) -> list:
     """Write the checkpoint under `output`; returns the model flags for pretrain_effmlm.py."""
+    hf_cfg, target = read_hf_config(folder)
+    if os.path.exists(output):
+        raise HFImportError(f"--output {output} exists; choose a new folder")
+    # Everything is written under a temporary name and renamed at the end: no half-imported folder.
+    tmp = f"{output.rstrip('/')}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        flags = _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return flags
+
+
+def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     import transformers
 
     from megatron_effmlm.checkpoint.dist_ckpt import save_checkpoint
@@ -100,13 +122,9 @@ def import_hf(folder: str, output: str, seq_length: Optional[int] = None, max_tp
     from megatron_effmlm.model.builder import build_model
     from megatron_effmlm.parallel.init import initialize_distributed
 
-    hf_cfg, target = read_hf_config(folder)
-    if os.path.exists(output) and os.listdir(output):
-        raise HFImportError(f"--output {output} exists and is not empty")
-    os.makedirs(output, exist_ok=True)
-    tok_dir = os.path.join(output, "tokenizer")
-    tokenizer_to_ours(folder, tok_dir)
-    tokenizer = EffMLMTokenizer.from_dir(tok_dir)
+    tokenizer_to_ours(folder, os.path.join(tmp, "tokenizer"))
+    tokenizer = EffMLMTokenizer.from_dir(os.path.join(tmp, "tokenizer"))
+    tok_dir = os.path.abspath(os.path.join(output, "tokenizer"))  # where it will be
 
     hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
     if info["missing_keys"]:
@@ -149,15 +167,16 @@ def import_hf(folder: str, output: str, seq_length: Optional[int] = None, max_tp
 
     from megatron_effmlm.checkpoint.run_info import run_info
 
-    save_checkpoint(output, 0, [model], None, None, {
-        "consumed_samples": 0, "train_flops": 0.0, "run_info": run_info(_Cfg, tokenizer), "hf_import": extra})
+    info = run_info(_Cfg, tokenizer)
+    info["tokenizer"]["dir"] = tok_dir
+    save_checkpoint(tmp, 0, [model], None, None, {
+        "consumed_samples": 0, "train_flops": 0.0, "run_info": info, "hf_import": extra})
     flags = ["--model-arch", target, "--num-layers", mc.num_layers, "--hidden-size", mc.hidden_size,
              "--num-attention-heads", mc.num_attention_heads, "--ffn-hidden-size", mc.ffn_hidden_size,
              "--seq-length", mc.seq_length, "--max-position-embeddings", mc.max_position_embeddings,
              "--vocab-size", padded, "--num-tokentypes", mc.num_tokentypes, "--layernorm-epsilon",
-             mc.layernorm_epsilon, "--transformer-impl", "local", "--tokenizer-dir", tok_dir, "--load", output]
+             mc.layernorm_epsilon, "--transformer-impl", "local", "--tokenizer-dir", tok_dir, "--load", os.path.abspath(output)]
     flags = [str(f) for f in flags]
-    with open(os.path.join(output, "model_args.txt.tmp"), "w") as f:
+    with open(os.path.join(tmp, "model_args.txt"), "w") as f:
         f.write(" ".join(flags) + "\n")
-    os.replace(os.path.join(output, "model_args.txt.tmp"), os.path.join(output, "model_args.txt"))
     return flags
