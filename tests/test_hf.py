@@ -43,21 +43,26 @@ def _worker(tmp, nproc, scenarios, name):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """Every SAVED model trained 2 steps on its layout and saved there; plus one process
-    against PP=2 for the post-LN token-dropping model (the engine runs post-LN layers)."""
+    against PP=2 and TP=2+SP for the post-LN token-dropping model."""
     tmp = tmp_path_factory.mktemp("hf_saved")
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"))
     td = SAVED["token-drop-bert_pp2"][0]
     init = str(tmp / "td_init")
     ref = _worker(tmp, 1, {"td_ref": {"args": base + td, "steps": 2, "save_init": init}}, "ref")
     scen = {n: {"args": base + a + lay, "steps": 2, "save_final": str(tmp / n)} for n, (a, lay, _, _) in SAVED.items()}
-    scen["td_from_init_pp2"] = {"args": base + td + ["--pipeline-model-parallel-size", "2", "--load", init], "steps": 2}
+    for lay, flags in (("pp2", ["--pipeline-model-parallel-size", "2"]),
+                       ("tp2sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
+        scen[f"td_from_init_{lay}"] = {"args": base + td + flags + ["--load", init], "steps": 2}
     got = _worker(tmp, 2, scen, "saved")
     return tmp, ref["td_ref"], got
 
 
-def test_post_ln_token_dropping_pp2_equals_one_process(saved):
+@pytest.mark.parametrize("layout", ["pp2", "tp2sp"])
+def test_post_ln_token_dropping_equals_one_process(saved, layout):
+    """The post-LN layers under the token-dropping plan: PP=2 and TP=2 + sequence parallel."""
     _, ref, got = saved
-    for a, b in zip(got["td_from_init_pp2"]["steps"], ref["steps"]):
+    assert len(got[f"td_from_init_{layout}"]["steps"]) == len(ref["steps"]) == 2
+    for a, b in zip(got[f"td_from_init_{layout}"]["steps"], ref["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5)
 

@@ -25,13 +25,15 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
+    from megatron_effmlm.data.errors import DataError
     from megatron_effmlm.hf.convert import ConversionError
     from megatron_effmlm.hf.export import export
     from megatron_effmlm.parallel.init import destroy
 
     try:
         r = export(a.checkpoint, a.output_dir, a.target, a.tokenizer_dir)
-    except ConversionError as e:
+    except (ConversionError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -25,13 +25,15 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
+    from megatron_effmlm.data.errors import DataError
     from megatron_effmlm.hf.convert import ConversionError
     from megatron_effmlm.hf.import_hf import import_hf
     from megatron_effmlm.parallel.init import destroy
 
     try:
         flags = import_hf(a.hf_dir, a.output, a.seq_length, a.max_tensor_model_parallel_size)
-    except ConversionError as e:
+    except (ConversionError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -77,8 +77,7 @@ def _num_types(model_cfg: dict) -> int:
     return model_cfg.get("num_tokentypes") or (2 if model_cfg.get("bert_binary_head") else 0)
 
 
-def hf_config(model_cfg: dict, target: str, vocab_size: int, specials: Dict[str, int], encoder_only: bool,
-              position_rows: Optional[int] = None):
+def hf_config(model_cfg: dict, target: str, vocab_size: int, specials: Dict[str, int], encoder_only: bool):
     """transformers config of the exported model."""
     import transformers
 
@@ -89,7 +88,7 @@ def hf_config(model_cfg: dict, target: str, vocab_size: int, specials: Dict[str,
         vocab_size=vocab_size, hidden_size=m["hidden_size"], num_hidden_layers=m["num_layers"],
         num_attention_heads=m["num_attention_heads"], intermediate_size=m["ffn_hidden_size"], hidden_act="gelu",
         hidden_dropout_prob=m["hidden_dropout"], attention_probs_dropout_prob=m["attention_dropout"],
-        max_position_embeddings=position_rows or (m["max_position_embeddings"] + position_offset(target, pad)),
+        max_position_embeddings=m["max_position_embeddings"] + position_offset(target, pad),
         type_vocab_size=types, layer_norm_eps=m["layernorm_epsilon"], initializer_range=m["init_method_std"],
         pad_token_id=pad, bos_token_id=specials["cls"], eos_token_id=specials["sep"], tie_word_embeddings=True,
         position_embedding_type="absolute",

@@ -160,14 +160,13 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
         raise HFImportError(f"internal: weights not matched: missing {missing[:4]}, unexpected {res.unexpected_keys[:4]}")
     extra["vocab_size"] = hf_cfg.vocab_size  # rows the export writes back (may exceed the tokenizer's)
 
-    class _Cfg:  # run_info's view of a run: this import
-        model = mc
-        train = type("T", (), {"method": "vanilla", "method_options": {}, "global_batch_size": 0})
-        data = type("D", (), {"data_path": [f"imported from {os.path.abspath(folder)}"], "mask_prob": None})
-
+    from megatron_effmlm.arguments import DataConfig, OptimConfig, RunConfig, TrainConfig
     from megatron_effmlm.checkpoint.run_info import run_info
 
-    info = run_info(_Cfg, tokenizer)
+    run = RunConfig(mc, ParallelConfig(), PrecisionConfig(), OptimConfig(),
+                    DataConfig(data_path=[f"imported from {os.path.abspath(folder)}"], mask_prob=None),
+                    TrainConfig(global_batch_size=0))
+    info = run_info(run, tokenizer)
     info["tokenizer"]["dir"] = tok_dir
     save_checkpoint(tmp, 0, [model], None, None, {
         "consumed_samples": 0, "train_flops": 0.0, "run_info": info, "hf_import": extra})
