@@ -205,15 +205,21 @@ def test_import_then_export_is_exact(imported, kind, tmp_path, mcore_single):
         assert ca[key] == cb[key], key
 
 
-def test_import_then_train_on_tp2(imported, demo_data_prefix, test_cache_dir):
-    """The imported BERT (post-LN, with token types) continues for one step on TP=2."""
+def test_import_then_train(imported, demo_data_prefix, test_cache_dir, tmp_path):
+    """The imported BERT (post-LN, with token types) continues on TP=2, and with 3ML on PP=2
+    (the decoder and e_mask the HF model never had start fresh)."""
     tmp, _ = imported
     flags = open(tmp / "ck_bert" / "model_args.txt").read().split()
-    r = run_torchrun(2, ["pretrain_effmlm.py", *flags, "--data-path", demo_data_prefix, "--micro-batch-size", "4",
-                         "--global-batch-size", "8", "--train-iters", "1", "--log-interval", "1", "--data-cache-path",
-                         os.path.join(test_cache_dir, "dc"), "--tensor-model-parallel-size", "2"])
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "iter      1/1 | loss" in r.stdout
+    common = flags + ["--data-path", demo_data_prefix, "--micro-batch-size", "4", "--global-batch-size", "8",
+                      "--lr", "1e-3", "--data-cache-path", os.path.join(test_cache_dir, "dc")]
+    got = _worker(tmp_path, 2, {
+        "vanilla_tp2": {"args": common + ["--tensor-model-parallel-size", "2"], "steps": 2},
+        "3ml_pp2": {"args": common + ["--method", "3ml", "--pipeline-model-parallel-size", "2"], "steps": 2},
+    }, "continue")
+    for name, r in got.items():
+        losses = [s["loss"] for s in r["steps"]]
+        assert [s["iteration"] for s in r["steps"]] == [1, 2], name
+        assert all(0 < x < 20 for x in losses) and losses[0] != losses[1], (name, losses)
 
 
 # ----- fine-tuning -----
