@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, TEST_CACHE, run_torchrun, tiny_model_args
+from conftest import PYTHON, REPO_ROOT, run_torchrun, tiny_model_args
 
 # name -> (flags, nproc-layout flags, export target, encoder only)
 SAVED = {
@@ -199,6 +199,16 @@ def test_import_then_export_is_exact(imported, kind, tmp_path, mcore_single):
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # The imported tokenizer (this project's format) and the re-exported one agree with the original.
+    import transformers
+
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    ours = EffMLMTokenizer.from_dir(str(tmp / f"ck_{kind}" / "tokenizer"))
+    text = "Anarchism is a political philosophy and movement, sceptical of authority."
+    want = transformers.AutoTokenizer.from_pretrained(folders[kind])(text)["input_ids"]
+    assert [ours.cls] + ours.tokenize(text) + [ours.sep] == want
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == want
     ca, cb = (json.load(open(os.path.join(d, "config.json"))) for d in (folders[kind], out))
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "layer_norm_eps"):

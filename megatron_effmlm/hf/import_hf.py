@@ -1,7 +1,7 @@
 """Import a transformers BertForMaskedLM / RobertaForMaskedLM / MegatronBertForMaskedLM folder
 as a checkpoint that `--load` continues from (any TP/PP layout, any method).
 
-Output (written like a --save folder, each part atomically):
+Output (a --save folder, written under a temporary name and renamed when complete):
     OUT/iter_0000000/    weights only (a fresh optimizer starts on --load)
     OUT/latest_checkpointed_iteration.txt
     OUT/tokenizer/       the folder's tokenizer in this project's format (--tokenizer-dir)
@@ -10,7 +10,6 @@ The flags that rebuild the same model are printed and written to OUT/model_args.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
