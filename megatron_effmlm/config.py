@@ -65,6 +65,8 @@ class ModelConfig:
             )
         if self.model_arch not in MODEL_ARCHS:
             raise ConfigError(f"--model-arch {self.model_arch!r}: choose one of {', '.join(MODEL_ARCHS)}")
+        if self.post_layernorm and self.transformer_impl == "transformer_engine":
+            raise ConfigError(f"--model-arch {self.model_arch} (post-LayerNorm) exists for --transformer-impl local only")
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ConfigError(
                 f"--position-embedding-type {self.position_embedding_type!r}: "

@@ -373,6 +373,18 @@ def test_export_cli_error_exit_code(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == f"error: --checkpoint {tmp_path / 'nope'}: no such directory"
 
 
+def test_post_ln_arch_flags():
+    from megatron_effmlm.arguments import parse_args
+    from megatron_effmlm.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--data-path", "x", "--tokenizer-dir", "y", "--model-arch", "roberta",
+                    "--transformer-impl", "transformer_engine"])
+    assert str(e.value) == "--model-arch roberta (post-LayerNorm) exists for --transformer-impl local only"
+    cfg = parse_args(["--data-path", "x", "--tokenizer-dir", "y", "--model-arch", "bert"])
+    assert cfg.model.post_layernorm and cfg.model.num_tokentypes == 0
+
+
 def test_report(request):
     """Prints the measured differences (pytest -s shows them)."""
     print(json.dumps(RESULTS, indent=1))
