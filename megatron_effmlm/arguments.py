@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "local", "flash", "fused", "unfused"],
                    help="local spec: sdpa (torch fused attention, auto on a GPU) or local (megatron-core's "
                         "unfused); Transformer Engine: flash, fused, unfused or auto")
+    g.add_argument("--model-arch", default="megatron-bert", choices=["megatron-bert", "bert", "roberta"],
+                   help="megatron-bert: pre-LayerNorm (megatron-core); bert, roberta: post-LayerNorm with an "
+                        "embedding LayerNorm, as the original models (tools/export_hf.py)")
+    g.add_argument("--num-tokentypes", type=int, default=0,
+                   help="token-type embeddings (default: 2 with --bert-binary-head, else none; imported models keep theirs)")
 
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -243,6 +248,8 @@ def config_from_args(a) -> RunConfig:
         bias_dropout_fusion=a.bias_dropout_fusion,
         decoder_layers=method_options.get("decoder_layers", 0),
         decoder_type=method_options.get("decoder_type", "self"),
+        model_arch=a.model_arch,
+        num_tokentypes=a.num_tokentypes,
     )
     par = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,

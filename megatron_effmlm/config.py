@@ -16,6 +16,9 @@ class ConfigError(ValueError):
     """A flag or value that cannot work; the message names it."""
 
 
+MODEL_ARCHS = ("megatron-bert", "bert", "roberta")
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 4
@@ -39,6 +42,14 @@ class ModelConfig:
     bias_dropout_fusion: bool = True
     decoder_layers: int = 0  # 3ML's decoder (pre-training only; export drops it)
     decoder_type: str = "self"  # 3ML-self, or "cross": the decoder also cross-attends to the encoder
+    # "megatron-bert": pre-LN (megatron-core); "bert" / "roberta": post-LN with an embedding
+    # LayerNorm, as the original models (exported exactly to BertForMaskedLM / RobertaForMaskedLM)
+    model_arch: str = "megatron-bert"
+    num_tokentypes: int = 0  # token-type embeddings (2 with --bert-binary-head; imported HF models keep theirs)
+
+    @property
+    def post_layernorm(self) -> bool:
+        return self.model_arch != "megatron-bert"
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -55,6 +66,10 @@ class ModelConfig:
                 f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                 f"{self.max_position_embeddings} (the position table)"
             )
+        if self.model_arch not in MODEL_ARCHS:
+            raise ConfigError(f"--model-arch {self.model_arch!r}: choose one of {', '.join(MODEL_ARCHS)}")
+        if self.post_layernorm and self.transformer_impl == "transformer_engine":
+            raise ConfigError(f"--model-arch {self.model_arch} (post-LayerNorm) exists for --transformer-impl local only")
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ConfigError(
                 f"--position-embedding-type {self.position_embedding_type!r}: "

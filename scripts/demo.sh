@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: set up, build the demo corpus (gensim's real Wikipedia dump sample), train a
-# tokenizer, preprocess, and pre-train a small BERT with 2 processes under torchrun.
+# tokenizer, preprocess, pre-train a small BERT with 2 processes under torchrun, compare the
+# methods, then export to Hugging Face transformers and fine-tune on Rotten Tomatoes.
 # Under 10 minutes on 2 CPU cores. Outputs go to runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,18 +11,19 @@ DATA=data/demo
 OUT=${OUT:-runs/demo}
 ITERS=${ITERS:-150}
 COMPARE_STEPS=${COMPARE_STEPS:-30}
+FT_EXAMPLES=${FT_EXAMPLES:-2000}
 
-echo "== 1/5 demo corpus"
+echo "== 1/6 demo corpus"
 $PY -m megatron_effmlm.data.demo_corpus --data-dir data
-echo "== 2/5 tokenizer (WordPiece, vocab 8192)"
+echo "== 2/6 tokenizer (WordPiece, vocab 8192)"
 [ -f $DATA/tokenizer/effmlm_tokenizer.json ] || \
   $PY tools/train_tokenizer.py --input $DATA/wiki.jsonl --tokenizer-type wordpiece --vocab-size 8192 \
       --lowercase --output-dir $DATA/tokenizer
-echo "== 3/5 preprocess (sentence split, .bin/.idx)"
+echo "== 3/6 preprocess (sentence split, .bin/.idx)"
 [ -f $DATA/wiki_text_sentence.idx ] || \
   $PY tools/preprocess_data.py --input $DATA/wiki.jsonl --tokenizer-dir $DATA/tokenizer \
       --output-prefix $DATA/wiki --split-sentences --workers 2
-echo "== 4/5 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel)"
+echo "== 4/6 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel)"
 rm -rf "$OUT"
 $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
   --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer --split 98,2,0 \
@@ -30,11 +32,28 @@ $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 \
   --log-interval 10 --eval-interval 50 --eval-iters 4 \
   --save "$OUT/ckpt" --save-interval 75 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png"
-echo "== 5/5 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each)"
+echo "== 5/6 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each)"
 $PY scripts/compare_methods.py --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer \
   --out "$OUT/compare" --budget-vanilla-steps "$COMPARE_STEPS"
+echo "== 6/6 export to transformers, fine-tune on Rotten Tomatoes (fresh/rotten, $FT_EXAMPLES training snippets)"
+$PY tools/export_hf.py --checkpoint "$OUT/ckpt" --output-dir "$OUT/hf"
+$PY - "$OUT/hf" <<'EOF'
+import sys, warnings
+warnings.filterwarnings("ignore")
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+d = sys.argv[1]  # loaded as any Hugging Face model
+fill = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(d), tokenizer=AutoTokenizer.from_pretrained(d))
+text = "the first world war began in [MASK] ."
+print(text, "->", ", ".join(f"{r['token_str']} ({r['score']:.2f})" for r in fill(text, top_k=5)))
+EOF
+[ -f data/rotten_tomatoes/dev.tsv ] || \
+  $PY tools/rotten_tomatoes_to_glue.py --cache-dir data/cache --output-dir data/rotten_tomatoes
+$PY tools/finetune.py --model-dir "$OUT/hf" --data-dir data/rotten_tomatoes --task sst2 --seeds 1 --epochs 2 \
+  --lr 5e-4 --max-length 64 --max-train-examples "$FT_EXAMPLES" --log-interval 25 --output "$OUT/finetune.json"
 echo
 echo "checkpoint:   $OUT/ckpt (latest: $(cat $OUT/ckpt/latest_checkpointed_iteration.txt))"
+echo "transformers: $OUT/hf   (AutoModelForMaskedLM.from_pretrained('$OUT/hf'); model card $OUT/hf/README.md)"
+echo "fine-tuning:  $OUT/finetune.json"
 echo "tensorboard:  $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboard)"
 echo "loss curve:   $OUT/loss.png"
 echo "methods:      $OUT/compare/methods_loss_vs_flops.png"

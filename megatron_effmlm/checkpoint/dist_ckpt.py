@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_effmlm.model.builder import unwrap
@@ -151,6 +152,29 @@ def find_latest(root: str):
     return path
 
 
+# Parameters a weights-only checkpoint may lack: 3ML's decoder and e_mask when 3ML continues an
+# encoder that never had them (tools/import_hf.py, another method's initialisation).
+FRESH_PREFIXES = ("decoder.", "mask_embedding")
+
+
+def _drop_absent_fresh(sd: dict, path: str) -> dict:
+    """Remove FRESH_PREFIXES entries the checkpoint does not hold (they keep their
+    initialisation); returns {model key: names removed}."""
+    held = set(serialization.load_sharded_metadata(path))
+    dropped = {}
+    for key, msd in sd.items():
+        if key.startswith("model"):
+            names = {n for n, v in msd.items() if n.startswith(FRESH_PREFIXES) and getattr(v, "key", n) not in held}
+            for n in names:
+                del msd[n]
+            if names:
+                dropped[key] = names
+    if dropped and dist.get_rank() == 0:
+        logger.warning("checkpoint %s has no %s: initialised fresh", path,
+                       ", ".join(sorted({n.split(".")[0] for names in dropped.values() for n in names})))
+    return dropped
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict):
     """Load the latest checkpoint under `root` into model/optimizer/scheduler in place.
 
@@ -166,12 +190,16 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     if not common.get("has_optimizer", True):
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
+    fresh = _drop_absent_fresh(sd, path) if optimizer is None else {}
     try:
         loaded = dist_checkpointing.load(sd, path)
     except Exception as e:  # name the checkpoint; megatron-core's messages are about keys
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
     for i, chunk in enumerate(model):
-        unwrap(chunk).load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=True)
+        name = f"model{i}" if len(model) > 1 else "model"
+        result = unwrap(chunk).load_state_dict(loaded[name], strict=not fresh.get(name))
+        if fresh.get(name):  # only what was dropped on purpose may be missing
+            assert set(result.missing_keys) <= fresh[name] and not result.unexpected_keys, result
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -328,8 +328,9 @@ class EffMLMTokenizer:
             self._word_start = mask
         return self._word_start
 
-    def hf_tokenizer(self):
-        """A ``transformers.PreTrainedTokenizerFast`` giving the same ids as ``tokenize()``."""
+    def hf_tokenizer(self, **kwargs):
+        """A ``transformers.PreTrainedTokenizerFast`` giving the same ids as ``tokenize()``
+        (``kwargs``: more of its settings, e.g. ``model_max_length``)."""
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
@@ -338,7 +339,7 @@ class EffMLMTokenizer:
             tokenizer_object=Tokenizer.from_file(os.path.join(self.path, HF_FILE)),
             cls_token=s["cls"], sep_token=s["sep"], pad_token=s["pad"], mask_token=s["mask"],
             unk_token=s["unk"], bos_token=s["cls"], eos_token=s["sep"],
-            clean_up_tokenization_spaces=False,
+            clean_up_tokenization_spaces=False, **kwargs,
         )
 
     def __len__(self) -> int:

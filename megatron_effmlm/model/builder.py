@@ -27,7 +27,7 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
         vp_stage = vp if vp_size > 1 else None
         spec, impl, backends = get_layer_spec(
             model_cfg.transformer_impl, get_num_layers_to_build(transformer_config, vp_stage=vp_stage),
-            model_cfg.attention_backend,
+            model_cfg.attention_backend, post_layernorm=model_cfg.post_layernorm,
         )
         chunks.append(
             MLMModel(
@@ -43,6 +43,8 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
                 vp_stage=vp_stage,
                 decoder_layers=model_cfg.decoder_layers,
                 decoder_layer_spec=decoder_spec(model_cfg) if model_cfg.decoder_layers else None,
+                post_layernorm=model_cfg.post_layernorm,
+                num_tokentypes=model_cfg.num_tokentypes,
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
@@ -125,6 +127,7 @@ def allreduce_tied_injection_grads(model) -> None:
 
 
 def decoder_spec(model_cfg: ModelConfig):
+    # 3ML's decoder is pre-training machinery, pre-LN whatever the encoder (export drops it).
     spec, impl, b = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers, model_cfg.attention_backend)
     return with_cross_attention(spec, impl, b.attention) if model_cfg.decoder_type == "cross" else spec
 

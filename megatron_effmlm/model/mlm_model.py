@@ -58,6 +58,8 @@ class MLMModel(LanguageModule):
         vp_stage: Optional[int] = None,
         decoder_layers: int = 0,
         decoder_layer_spec=None,
+        post_layernorm: bool = False,
+        num_tokentypes: int = 0,
     ):
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
@@ -74,8 +76,14 @@ class MLMModel(LanguageModule):
                 vocab_size=vocab_size,
                 max_sequence_length=max_sequence_length,
                 position_embedding_type=position_embedding_type,
-                num_tokentypes=2 if add_binary_head else 0,
+                num_tokentypes=num_tokentypes or (2 if add_binary_head else 0),
             )
+            if post_layernorm:  # BERT/RoBERTa: LayerNorm on the embedding sum, before its dropout
+                from megatron_effmlm.model.post_ln import NormThenDropout
+                from megatron_effmlm.model.specs import TorchLayerNorm
+
+                norm = TorchLayerNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+                self.embedding.embedding_dropout = NormThenDropout(norm, self.embedding.embedding_dropout)
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
@@ -224,6 +232,8 @@ class MLMModel(LanguageModule):
         b, T = input_ids.shape
         live = runner.plan.input_live
         if self.pre_process:
+            if tokentype_ids is None and self.embedding.tokentype_embeddings is not None:
+                tokentype_ids = torch.zeros_like(input_ids)  # single segment (an imported HF model's type 0)
             types = gather_ids(tokentype_ids, live) if tokentype_ids is not None else None
             hidden = self.embedding(gather_ids(input_ids, live), gather_ids(position_ids, live), tokentype_ids=types)
         else:  # [rows, b, h] from the previous pipeline stage
@@ -239,7 +249,8 @@ class MLMModel(LanguageModule):
             if not self.post_process:
                 return runner.export_carry(hidden, self.encoder.layers[-1].layer_number)
             if self.decoder is not None:
-                hidden = self.encoder.final_layernorm(hidden)  # the encoder's output, as exported
+                if self.encoder.final_layernorm is not None:  # none in post-LN models
+                    hidden = self.encoder.final_layernorm(hidden)  # the encoder's output, as exported
                 hidden = self._run_block(self.decoder.layers, self.config.num_layers, hidden, runner, decoder=True)
         block = self.decoder if self.decoder is not None else self.encoder
         if block.final_layernorm is not None:

@@ -130,19 +130,34 @@ def with_cross_attention(block_spec, transformer_impl: str, attention: str = "lo
     return dataclasses.replace(block_spec, layer_specs=layers)
 
 
-def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, attention_backend: str = "auto"):
-    """Return (block spec, resolved transformer_impl, `Backends`) for `num_layers` layers."""
+def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, attention_backend: str = "auto",
+                   post_layernorm: bool = False):
+    """Return (block spec, resolved transformer_impl, `Backends`) for `num_layers` layers.
+    `post_layernorm`: original BERT/RoBERTa blocks (model/post_ln.py), local modules only."""
     from megatron_effmlm.model.backends import select_backends
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Apex is not installed": expected on CPU
         from megatron.core.models.bert import bert_layer_specs
 
+    if post_layernorm:
+        if transformer_impl == "transformer_engine":
+            raise ValueError("--transformer-impl transformer_engine: post-LayerNorm layers (--model-arch bert|roberta) "
+                             "exist for the local spec only")
+        transformer_impl = "local"
     b = select_backends(transformer_impl, attention_backend)
+    if post_layernorm:
+        b.reasons["layer spec"] = "local (post-LayerNorm layers use the local spec)"
     if b.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
         layer = bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm), b.transformer_impl, b
-    return _local_block_spec(num_layers, b.attention), b.transformer_impl, b
+    block = _local_block_spec(num_layers, b.attention)
+    if post_layernorm:
+        from megatron_effmlm.model.post_ln import post_ln_layer_spec
+
+        layer = post_ln_layer_spec(block.layer_specs[0], block.layer_norm)
+        block = dataclasses.replace(block, layer_specs=[layer] * num_layers, layer_norm=None)  # no final LN
+    return block, b.transformer_impl, b

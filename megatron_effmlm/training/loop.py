@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_effmlm.arguments import RunConfig, check_layout
 from megatron_effmlm.checkpoint import dist_ckpt
+from megatron_effmlm.checkpoint.run_info import run_info
 from megatron_effmlm.config import ConfigError, build_transformer_config
 from megatron_effmlm.model.builder import build_model, unwrap
 from megatron_effmlm.parallel.init import comm_device, initialize_distributed
@@ -309,7 +310,7 @@ class Trainer:
         path = dist_ckpt.save_checkpoint(
             t.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
-             "policy": self.policy.state_dict()},
+             "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
         )
         if is_logging_rank():
             print(f"saved checkpoint {path}", flush=True)

@@ -1,0 +1,216 @@
+"""Export a checkpoint (any TP/PP layout, any method) to a transformers model folder.
+
+The checkpoint is loaded on one process through megatron-core's dist_checkpointing (which
+reshards any saved layout), converted by `convert.to_hf`, loaded into the transformers class
+and saved with its own `save_pretrained` (config.json, model.safetensors), next to the
+tokenizer's files and a model card. The export then checks itself: the folder is loaded back
+with transformers and its outputs are compared with ours on a few sentences.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_effmlm.hf.convert import TARGETS, ConversionError, check_exportable, hf_config, to_hf
+
+VERIFY_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Anarchism is a political philosophy and movement that is sceptical of authority.",
+]
+
+
+class ExportError(ConversionError):
+    pass
+
+
+def find_checkpoint(root: str):
+    """(checkpoint directory, its common state) for `root` (a --save folder or one iteration)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError, find_latest
+
+    if not os.path.isdir(root):
+        raise ExportError(f"--checkpoint {root}: no such directory")
+    try:
+        path = find_latest(root)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if path is None:
+        raise ExportError(f"--checkpoint {root} is not a checkpoint: no latest_checkpointed_iteration.txt "
+                          "and no dist_checkpointing metadata (point it at a --save folder or one iter_* folder)")
+    common = dist_checkpointing.load_common_state_dict(path)
+    if "run_info" not in common:
+        raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an older "
+                          "version; continue it for one step with this version and export that")
+    return path, common
+
+
+def load_model(path: str, common: dict):
+    """Our MLMModel (one process, TP=PP=1) with the checkpoint's weights; 3ML's decoder is left out."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_effmlm.checkpoint import dist_ckpt
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.parallel.init import initialize_distributed
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_distributed(1, 1, None, seed=1234)
+    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ExportError("export runs on one process (TP=PP=1); it reshards any saved layout itself")
+    # Loading restores RNG states saved on this layout: keep the caller's (tests share a process).
+    rng = torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states()
+    m = dict(common["run_info"]["model"])
+    # The saved word embedding's rows: padded for the layout that wrote it.
+    meta = dist_checkpointing.load_tensors_metadata(path)
+    rows = meta["embedding.word_embeddings.weight"].global_shape[0]
+    m.update(vocab_size=rows, make_vocab_size_divisible_by=1, decoder_layers=0, transformer_impl="local",
+             hidden_dropout=0.0, attention_dropout=0.0)
+    mc = ModelConfig(**m)
+    tc = build_transformer_config(mc, ParallelConfig(), PrecisionConfig())
+    model = build_model(mc, ParallelConfig(), tc, wrap_ddp=False)[0]
+    dist_ckpt.load_checkpoint(path, [model], None, None, {})
+    torch.set_rng_state(rng[0])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng[1])
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def our_outputs(model, input_ids, padding_mask):
+    """(MLM logits [m, V], final hidden states [m, h]) of our model at the real positions
+    (row-major), by its own forward: the head's input and the output layer, captured."""
+    got = {}
+    h1 = model.lm_head.register_forward_pre_hook(lambda mod, args: got.__setitem__("hidden", args[0]))
+    # cloned: megatron-core's vocab-parallel cross-entropy shifts the logits in place
+    h2 = model.output_layer.register_forward_hook(lambda mod, args, out: got.__setitem__("logits", out[0].clone()))
+    try:
+        b, T = input_ids.shape
+        model(input_ids=input_ids, position_ids=torch.arange(T).expand(b, T), padding_mask=padding_mask,
+              loss_mask=padding_mask, labels=input_ids)
+    finally:
+        h1.remove()
+        h2.remove()
+    return got["logits"].squeeze(1), got["hidden"]
+
+
+@torch.no_grad()
+def hf_outputs(hf_model, input_ids, padding_mask, encoder_only: bool):
+    out = hf_model(input_ids=input_ids, attention_mask=padding_mask, output_hidden_states=not encoder_only)
+    sel = padding_mask.bool()
+    hidden = out.last_hidden_state if encoder_only else out.hidden_states[-1]
+    return (None if encoder_only else out.logits[sel]), hidden[sel]
+
+
+def batch_of(tokenizer, texts, seq_length: int):
+    """Right-padded [CLS] ids [SEP] rows, as the trainer builds them."""
+    rows = [[tokenizer.cls] + tokenizer.tokenize(t)[: seq_length - 2] + [tokenizer.sep] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tokenizer.pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _model_card(info: dict, common: dict, target: str, cls_name: str, encoder_only: bool, diff: float) -> str:
+    m, T = info["model"], info["model"]["seq_length"]
+    it, samples, flops = int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)), \
+        float(common.get("train_flops", 0.0))
+    lines = [
+        f"# {cls_name} exported from megatron-effmlm", "",
+    ]
+    if encoder_only:
+        lines += [
+            "**Encoder only: this model has no usable MLM head.** It was pre-trained with 3ML, whose LM head",
+            "reads the output of decoder layers that are pre-training machinery and are not exported.",
+            "Load it with `AutoModel` or `AutoModelForSequenceClassification` (a new head) for fine-tuning.", "",
+        ]
+    lines += [
+        "| | |", "|---|---|",
+        f"| method | `{info['method']}` {info.get('method_options') or ''} |",
+        f"| data | {' '.join(info.get('data_path', []))} |",
+        f"| steps | {it} (global batch {info.get('global_batch_size')}) |",
+        f"| tokens | {samples * T:,} ({samples:,} sequences of {T} positions, padding included) |",
+        f"| training FLOPs | {flops:.3e} (model FLOPs, forward + backward) |",
+        f"| masking rate | {info.get('mask_prob')} |",
+        f"| architecture | `--model-arch {m.get('model_arch', 'megatron-bert')}`: {m['num_layers']} layers, hidden "
+        f"{m['hidden_size']}, {m['num_attention_heads']} heads, FFN {m['ffn_hidden_size']} |",
+        f"| exported as | `{cls_name}` (`--target {target}`) |",
+        f"| check | max abs difference to the megatron-core model on sample text: {diff:.2e} (fp32) |",
+    ]
+    if m.get("bert_binary_head"):
+        lines += ["", "The sentence-order head (`--bert-binary-head`) is not exported."]
+    return "\n".join(lines) + "\n"
+
+
+def export(checkpoint: str, output_dir: str, target: Optional[str] = None, tokenizer_dir: Optional[str] = None,
+           verify_tol: float = 1e-4) -> dict:
+    """Write `output_dir` atomically; returns {"target", "class", "max_abs_diff", "encoder_only"}."""
+    import transformers
+
+    from megatron_effmlm.data.errors import DataError
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    path, common = find_checkpoint(checkpoint)
+    info = common["run_info"]
+    tok_dir = tokenizer_dir or info["tokenizer"]["dir"]
+    try:
+        tokenizer = EffMLMTokenizer.from_dir(tok_dir)
+    except DataError as e:
+        raise ExportError(f"{e} (the checkpoint's tokenizer; pass --tokenizer-dir)") from None
+    if tokenizer.unique_identifiers["tokenizer_sha1"] != info["tokenizer"]["sha1"]:
+        raise ExportError(f"--tokenizer-dir {tok_dir}: tokenizer.json differs from the one checkpoint {path} was "
+                          "trained with (sha1 mismatch)")
+    arch = info["model"].get("model_arch", "megatron-bert")
+    target = target or arch
+    check_exportable(info["model"], target)
+    encoder_only = info["method"] == "3ml"
+    specials = {"pad": tokenizer.pad, "cls": tokenizer.cls, "sep": tokenizer.sep}
+
+    model = load_model(path, common)
+    # The tokenizer's vocabulary (our rows beyond it are TP padding), or an imported model's own size.
+    vocab = int((common.get("hf_import") or {}).get("vocab_size") or tokenizer.vocab_size)
+    hf_cfg = hf_config(info["model"], target, vocab, specials, encoder_only)
+    sd = to_hf(model.state_dict(), info["model"], target, vocab, tokenizer.pad, encoder_only,
+               common.get("hf_import"))
+    cls_name = TARGETS[target][2 if encoder_only else 1]
+    hf_cls = getattr(transformers, cls_name)
+    hf_model = hf_cls(hf_cfg, add_pooling_layer=False) if encoder_only else hf_cls(hf_cfg)
+    hf_model.load_state_dict(sd, strict=True)
+    hf_model.eval()
+
+    tmp = f"{output_dir.rstrip('/')}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        hf_model.save_pretrained(tmp)  # config.json + model.safetensors
+        extra = {} if target != "roberta" else {"model_input_names": ["input_ids", "attention_mask"]}  # one type
+        tokenizer.hf_tokenizer(model_max_length=info["model"]["seq_length"], **extra).save_pretrained(tmp)
+        # The check runs on what was written: transformers loads the folder as a user would.
+        reloaded = (transformers.AutoModel if encoder_only else transformers.AutoModelForMaskedLM).from_pretrained(tmp)
+        reloaded.eval()
+        ids, mask = batch_of(tokenizer, VERIFY_TEXT, info["model"]["seq_length"])
+        logits, hidden = our_outputs(model, ids, mask)
+        hf_logits, hf_hidden = hf_outputs(reloaded, ids, mask, encoder_only)
+        diff = float((hidden - hf_hidden).abs().max()) if encoder_only else \
+            float((logits[:, :vocab] - hf_logits).abs().max())
+        if not diff <= verify_tol:
+            raise ExportError(f"exported {cls_name} differs from the checkpoint's model by {diff:.3e} "
+                              f"(> {verify_tol}) on sample text; not written")
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_model_card(info, common, target, cls_name, encoder_only, diff))
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"target": target, "class": cls_name, "max_abs_diff": diff, "encoder_only": encoder_only,
+            "checkpoint": path}
