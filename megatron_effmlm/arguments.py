@@ -200,12 +200,6 @@ def config_from_args(a) -> RunConfig:
         raise ConfigError(f"{'--bf16' if a.bf16 else '--fp16'} needs a CUDA device; CPU runs train in fp32")
     if a.fp8_format:
         check_fp8(a.fp8_format, a.bf16 or a.fp16, a.transformer_impl, a.recompute_granularity)
-    from megatron_effmlm.model.backends import select_backends
-
-    try:
-        select_backends(a.transformer_impl, a.attention_backend)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     if not a.data_path:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
@@ -251,6 +245,13 @@ def config_from_args(a) -> RunConfig:
         model_arch=a.model_arch,
         num_tokentypes=a.num_tokentypes,
     )
+    # after ModelConfig: an impossible architecture is the first thing to hear about
+    from megatron_effmlm.model.backends import select_backends
+
+    try:
+        select_backends(a.transformer_impl, a.attention_backend)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     par = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,
         pipeline_model_parallel_size=a.pipeline_model_parallel_size,
