@@ -25,14 +25,15 @@ L, H, NH = 4, 128, 4
 METHODS = ["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"]
 
 
-def _model(vocab, precision="fp32", impl="local", attention="local", method="vanilla"):
+def _model(vocab, precision="fp32", impl="local", attention="local", method="vanilla", arch="megatron-bert"):
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
     from megatron_effmlm.model.builder import build_model
 
     torch.manual_seed(0)
     dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
     cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
-                      hidden_dropout=0.0, attention_dropout=0.0, transformer_impl=impl, attention_backend=attention, **dec)
+                      hidden_dropout=0.0, attention_dropout=0.0, transformer_impl=impl, attention_backend=attention,
+                      model_arch=arch, **dec)
     prec = PrecisionConfig(bf16=precision == "bf16", fp16=precision == "fp16")
     tc = build_transformer_config(cfg, ParallelConfig(), prec)
     return build_model(cfg, ParallelConfig(), tc, wrap_ddp=False)[0]
@@ -84,6 +85,17 @@ def test_16bit_matches_fp32(mcore_single, demo_batch, demo_tokenizer, method, pr
     half = _model(tok.vocab_size, precision, method=method)
     half.load_state_dict(ref.state_dict())
     assert next(half.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+    batch = _batch(demo_batch, tok, method)
+    _compare(_run(ref, method, tok, batch), _run(half, method, tok, batch), loss_rtol=2e-2, min_cos=0.98)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "3ml", "token-drop"])
+def test_post_layernorm_bert_16bit_matches_fp32(mcore_single, demo_batch, demo_tokenizer, method):
+    """--model-arch bert (post-LN, embedding LayerNorm) in bf16 against fp32."""
+    tok = demo_tokenizer
+    ref = _model(tok.vocab_size, method=method, arch="bert")
+    half = _model(tok.vocab_size, "bf16", method=method, arch="bert")
+    half.load_state_dict(ref.state_dict())
     batch = _batch(demo_batch, tok, method)
     _compare(_run(ref, method, tok, batch), _run(half, method, tok, batch), loss_rtol=2e-2, min_cos=0.98)
 
