@@ -71,6 +71,9 @@ def main(argv=None):
         size = os.path.getsize(corpus)
         punkt = train_punkt([corpus], ["text"], os.path.join(work, "punkt.json"))  # outside the timing
         log(f"input: {corpus} ({size / 1e6:.1f} MB, the demo corpus x{a.repeat}); cores: {os.cpu_count()}")
+        # An untimed first pass: imports, the tokenizer and Punkt loading, the page cache.
+        preprocess(corpus, os.path.join(work, "warmup"), tok_dir, split_sentences=True, workers=1, log_interval=0,
+                   punkt_cache=punkt)
         rows = []
         for split in (True, False):
             for w in a.workers:
