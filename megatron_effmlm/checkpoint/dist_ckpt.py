@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 import torch
@@ -131,34 +132,122 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def find_latest(root: str):
-    """The directory of the latest complete checkpoint under `root`, or None."""
+def _iterations_on_disk(root: str):
+    """Iterations of the `iter_XXXXXXX` directories under `root` (not `.tmp`), newest first."""
+    found = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"iter_(\d{7})", name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append(int(m.group(1)))
+    return sorted(found, reverse=True)
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isdir(path) and dist_checkpointing.check_is_distributed_checkpoint(path)
+
+
+def find_candidates(root: str):
+    """Checkpoint directories to try under `root`, best first: the one the tracker names,
+    then every older `iter_*` directory. [] when `root` holds no checkpoint (a fresh start)."""
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root}: no such directory")
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         if dist_checkpointing.check_is_distributed_checkpoint(root):
-            return root  # --load pointed at one checkpoint directory
-        return None
+            return [root]  # --load pointed at one checkpoint directory
+        on_disk = _iterations_on_disk(root)
+        if on_disk:
+            _warn(f"{tracker} is missing; trying the checkpoints on disk, newest first")
+        return [checkpoint_dir(root, i) for i in on_disk]
     text = open(tracker).read().strip()
     try:
         iteration = int(text)
     except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    path = checkpoint_dir(root, iteration)
-    if not dist_checkpointing.check_is_distributed_checkpoint(path):
-        raise CheckpointError(f"{tracker} names iteration {iteration} but {path} is not a complete checkpoint")
-    return path
+        _warn(f"{tracker}: expected an iteration number, found {text!r}; trying the checkpoints on disk")
+        return [checkpoint_dir(root, i) for i in _iterations_on_disk(root)]
+    return [checkpoint_dir(root, iteration)] + [checkpoint_dir(root, i) for i in _iterations_on_disk(root) if i < iteration]
+
+
+def find_latest(root: str):
+    """The directory of the latest complete checkpoint under `root`, or None."""
+    for path in find_candidates(root):
+        if _is_complete(path):
+            return path
+    return None
+
+
+def _warn(msg: str):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(msg)
+
+
+def _check_model_shapes(path: str, model):
+    """One clear error when the checkpoint is of another model (size, layers, vocabulary)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    for chunk in model:
+        for t in nested_values(unwrap(chunk).sharded_state_dict()):
+            if not isinstance(t, ShardedTensor):
+                continue
+            if t.key not in saved:
+                raise CheckpointError(f"checkpoint {path} is of another model: it has no {t.key} "
+                                      f"(a different --method, --num-layers or layer type?)")
+            there, here = tuple(saved[t.key].global_shape), tuple(t.global_shape)
+            if there != here:
+                raise CheckpointError(f"checkpoint {path} is of another model size: {t.key} has shape "
+                                      f"{list(there)} there and {list(here)} here")
+
+
+def _agree(ok: bool) -> bool:
+    """True iff `ok` on every rank."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
 
 
 def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict):
-    """Load the latest checkpoint under `root` into model/optimizer/scheduler in place.
+    """Load the latest complete, readable checkpoint under `root` into model/optimizer/scheduler.
 
+    A latest checkpoint that is partial (no metadata) or corrupt (a shard or the common state
+    cannot be read) is skipped with a warning naming it, and the previous one is loaded.
     Returns the checkpoint's extra values (iteration, consumed samples, method state), or
     None when `root` holds no checkpoint yet (a fresh start)."""
-    path = find_latest(root)
-    if path is None:
+    candidates = find_candidates(root)
+    if not candidates:
         return None
+    for n, path in enumerate(candidates):
+        if not _is_complete(path):
+            _warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
+                  "falling back to the previous one")
+            continue
+        try:
+            _check_model_shapes(path, model)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            error = e
+        else:
+            error = None
+            try:
+                result = _load_one(path, model, optimizer, scheduler, extra_template)
+            except CheckpointError:
+                raise
+            except Exception as e:  # a torn or corrupt file: megatron-core / torch DCP errors
+                error = e
+        if _agree(error is None):
+            if n:
+                _warn(f"loaded checkpoint {path} instead of the latest {candidates[0]}")
+            return result
+        _warn(f"skipping checkpoint {path}: corrupt or unreadable ({type(error).__name__ if error else 'on another rank'}: "
+              f"{str(error).splitlines()[0][:300] if error else ''}); falling back to the previous one")
+    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
+
+
+def _load_one(path: str, model, optimizer, scheduler, extra_template: dict):
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = list(common.get("layout", [])) == _layout()
     # RNG streams are per rank: restore them only on the layout that wrote them.
@@ -166,10 +255,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     if not common.get("has_optimizer", True):
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
-    try:
-        loaded = dist_checkpointing.load(sd, path)
-    except Exception as e:  # name the checkpoint; megatron-core's messages are about keys
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+    loaded = dist_checkpointing.load(sd, path)
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=True)
     if optimizer is not None:
