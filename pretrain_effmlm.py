@@ -46,7 +46,6 @@ def main(argv=None) -> int:
         from megatron_effmlm.parallel.init import destroy
 
         destroy()
-    _report_exit_code(trainer.exit_code)
     return trainer.exit_code  # 0, or 75: stopped on a signal / the time limit after saving
 
 
@@ -63,4 +62,6 @@ def _report_exit_code(code: int):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _report_exit_code(code)
+    sys.exit(code)

@@ -59,6 +59,10 @@ class Trainer:
                                par.virtual_pipeline_size(cfg.model.num_layers), t.seed,
                                timeout_minutes=t.distributed_timeout_minutes)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        if is_logging_rank():
+            print(f"parallel layout: world size {dist.get_world_size()} = TP {par.tensor_model_parallel_size} x "
+                  f"PP {par.pipeline_model_parallel_size} x DP {self.dp_size}, {self.num_microbatches} "
+                  f"micro-batch(es) of {t.micro_batch_size} per step", flush=True)
 
         if tokenizer is None:
             from megatron_effmlm.data.tokenizer import EffMLMTokenizer
@@ -134,7 +138,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.exit_code = EXIT_OK
         self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
-        if t.load:
+        # --load DIR --save DIR (a requeueable job's command line): a missing DIR is a fresh start.
+        if t.load and (t.load != t.save or os.path.isdir(t.load)):
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
                 {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
