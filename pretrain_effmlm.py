@@ -40,6 +40,13 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        if not _peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        print(f"error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "
+              f"{first}", file=sys.stderr)
+        return 1
     finally:
         if stop is not None:
             stop.restore()
@@ -47,6 +54,17 @@ def main(argv=None) -> int:
 
         destroy()
     return trainer.exit_code  # 0, or 75: stopped on a signal / the time limit after saving
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A communication failure (gloo/NCCL/the store) rather than a bug of this process."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
+                                   "timed out", "Timed out", "TCPStore"))
 
 
 def _report_exit_code(code: int):

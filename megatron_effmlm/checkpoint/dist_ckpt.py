@@ -6,14 +6,17 @@ Layout under `--save DIR`:
 A checkpoint is written to `iter_XXXXXXX.tmp` and renamed only after every rank finished,
 and the tracker file is replaced atomically after that: a crash or SIGTERM mid-save leaves
 the previous checkpoint as the one `--load` picks. Loading goes through torch's
-weights-only unpickler (dist_checkpointing's common state) and torch_dist shards: no
-arbitrary objects are unpickled.
+weights-only unpickler (dist_checkpointing's common state) and torch_dist shards, and
+torch DCP's `.metadata` pickle is first read with an unpickler that admits only checkpoint
+metadata classes: no arbitrary objects are unpickled. A partial or corrupt latest
+checkpoint is skipped with a warning naming it, and the previous complete one is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 
@@ -24,11 +27,15 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_effmlm.model.builder import unwrap
 
 logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
+# What reading a torn or corrupt checkpoint raises; torch DCP's CheckpointException (it
+# gathers every rank's failure) is a BaseException.
+_READ_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
@@ -200,6 +207,63 @@ def _check_model_shapes(path: str, model):
                                       f"{list(there)} there and {list(here)} here")
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file would unpickle something other than tensors and checkpoint metadata."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch DCP reads `.metadata` with plain pickle; this one admits only the classes such
+    metadata is made of, so checking a file first means no arbitrary object is ever built."""
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        ok = module.startswith("torch.distributed.checkpoint.") or (
+            module == "torch" and isinstance(getattr(torch, name, None), (type(torch.Size), torch.dtype, torch.layout,
+                                                                          torch.memory_format))
+        ) or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"),
+                                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+        if not ok:
+            raise UnsafeCheckpointError(f"refusing to load {self.path}: it would unpickle {module}.{name} "
+                                        "(only tensors and checkpoint metadata are loaded)")
+        return super().find_class(module, name)
+
+
+def _check_safe_pickles(path: str):
+    """Raise UnsafeCheckpointError if `.metadata` or `common.pt` hold arbitrary objects (other
+    read errors propagate as they are: a corrupt file). Shards are read by torch DCP with
+    torch.load(weights_only=True)."""
+    meta = os.path.join(path, ".metadata")
+    if os.path.exists(meta):
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f, meta).load()
+    common = os.path.join(path, "common.pt")
+    if os.path.exists(common):
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
+            if "Weights only load failed" in str(e) and "global" in str(e).lower():
+                first = next((l for l in str(e).splitlines()[1:] if "global" in l.lower()), "")
+                raise UnsafeCheckpointError(f"refusing to load {common}: it would unpickle an arbitrary object "
+                                            f"({first.strip()[:200]}); only tensors are loaded") from None
+            raise
+
+
+def _describe(error) -> str:
+    if error is None:
+        return "on another rank"
+    if isinstance(error, CheckpointException):  # torch DCP: {rank: (exception, traceback)}
+        failures = getattr(error, "failures", {}) or {}
+        first = next(iter(failures.values()), None)
+        first = first[0] if isinstance(first, tuple) else first
+        return f"{type(first).__name__ if first is not None else 'error'} reading it on rank(s) {sorted(failures)}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
 def _agree(ok: bool) -> bool:
     """True iff `ok` on every rank."""
     if not dist.is_initialized():
@@ -225,10 +289,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
                   "falling back to the previous one")
             continue
         try:
+            _check_safe_pickles(path)
             _check_model_shapes(path, model)
         except CheckpointError:
             raise
-        except Exception as e:
+        except _READ_ERRORS as e:
             error = e
         else:
             error = None
@@ -236,14 +301,13 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
                 result = _load_one(path, model, optimizer, scheduler, extra_template)
             except CheckpointError:
                 raise
-            except Exception as e:  # a torn or corrupt file: megatron-core / torch DCP errors
+            except _READ_ERRORS as e:  # a torn or corrupt file: megatron-core / torch DCP errors
                 error = e
         if _agree(error is None):
             if n:
                 _warn(f"loaded checkpoint {path} instead of the latest {candidates[0]}")
             return result
-        _warn(f"skipping checkpoint {path}: corrupt or unreadable ({type(error).__name__ if error else 'on another rank'}: "
-              f"{str(error).splitlines()[0][:300] if error else ''}); falling back to the previous one")
+        _warn(f"skipping checkpoint {path}: corrupt or unreadable ({_describe(error)}); falling back to the previous one")
     raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
 
 
