@@ -37,15 +37,29 @@ effmlm_report() {  # $1 = world size, rest = training arguments
   effmlm_log "command: ${EFFMLM_COMMAND}"
 }
 
-# Runs "$@" (an srun line) in the background, forwards SIGUSR1/SIGTERM that reach this batch
-# shell (#SBATCH --signal=B:USR1@<s>) to it (srun passes them to every task of the step), waits,
-# and returns its exit code in EFFMLM_RC.
+# SIGUSR1/SIGTERM reaching this batch shell (#SBATCH --signal=B:USR1@<s>, scancel --batch) are
+# recorded from the moment lib.sh is sourced (bash would otherwise die of SIGUSR1) and
+# forwarded to the step once it runs (srun passes them to every process of the step).
+EFFMLM_GOT_SIGNAL=
+EFFMLM_STEP_PID=
+effmlm_on_signal() {
+  EFFMLM_GOT_SIGNAL=$1
+  effmlm_log "batch shell got SIG$1: forwarding it to the training processes"
+  [ -n "$EFFMLM_STEP_PID" ] && kill "-$1" "$EFFMLM_STEP_PID" 2>/dev/null
+}
+trap 'effmlm_on_signal USR1' USR1
+trap 'effmlm_on_signal TERM' TERM
+
+# Runs "$@" (an srun line) in the background, forwarding signals to it; waits and returns its
+# exit code in EFFMLM_RC.
 effmlm_run_forwarding_signals() {
-  EFFMLM_GOT_SIGNAL=
   "$@" &
-  local pid=$!
-  trap "EFFMLM_GOT_SIGNAL=USR1; effmlm_log 'batch shell got SIGUSR1: forwarding it to the training processes'; kill -USR1 $pid 2>/dev/null" USR1
-  trap "EFFMLM_GOT_SIGNAL=TERM; effmlm_log 'batch shell got SIGTERM: forwarding it to the training processes'; kill -TERM $pid 2>/dev/null" TERM
+  EFFMLM_STEP_PID=$!
+  local pid=$EFFMLM_STEP_PID
+  if [ -n "$EFFMLM_GOT_SIGNAL" ]; then  # arrived before the step existed
+    sleep 20  # let the trainer install its handlers (a signal before that would kill it)
+    kill "-$EFFMLM_GOT_SIGNAL" "$pid" 2>/dev/null
+  fi
   while :; do
     wait "$pid"; EFFMLM_RC=$?
     if [ "$EFFMLM_RC" -le 128 ] || ! kill -0 "$pid" 2>/dev/null; then break; fi
@@ -54,7 +68,6 @@ effmlm_run_forwarding_signals() {
     wait "$pid" 2>/dev/null; local again=$?
     [ "$again" != 127 ] && EFFMLM_RC=$again
   fi
-  trap - USR1 TERM
 }
 
 # Exit code 75 (saved, resumable): requeue this job, which then resumes from --load.
