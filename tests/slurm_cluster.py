@@ -207,7 +207,7 @@ class LocalSlurm:
                     pass
         for name, p in reversed(self.procs):
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
