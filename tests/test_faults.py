@@ -179,3 +179,41 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path, reference, common, 
     assert code == 2, err
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith(f"error: refusing to load {target}: it would unpickle "), err
+
+
+def test_exit_duration_saves_and_exits_75(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    ck = str(tmp_path / "ck")
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 1000, "--exit-duration-in-mins": 0.0001, "--save": ck})
+    r = subprocess.run([PYTHON, "pretrain_effmlm.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert ("stopping at iteration 1 on time limit: saving a checkpoint and exiting with code 75 (resumable)"
+            in r.stdout)
+    assert open(os.path.join(ck, TRACKER)).read().strip() == "1"
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, common):
+    """SIGUSR1 reaches only rank 1: the all-reduced flag stops both after one step, one
+    checkpoint is saved, and torchrun's caller learns code 75 from EFFMLM_EXIT_CODE_FILE."""
+    ck, code_file = str(tmp_path / "ck"), str(tmp_path / "exit_code")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "pretrain_effmlm.py", *common, "--train-iters", "100000", "--save", ck, "--exit-signal-handler"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", EFFMLM_EXIT_CODE_FILE=code_file)
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 180
+    while "iter      2/" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = sorted(psutil.Process(proc.pid).children(), key=lambda p: p.pid)
+    os.kill(workers[-1].pid, signal.SIGUSR1)
+    proc.wait(timeout=180)
+    text = log.read_text()
+    stops = [l for l in text.splitlines() if l.startswith("stopping at iteration ")]
+    assert len(stops) == 1 and stops[0].endswith(" on SIGUSR1: saving a checkpoint and exiting with code 75 "
+                                                  "(resumable)"), text[-3000:]
+    k = int(stops[0].split()[3])
+    assert open(os.path.join(ck, TRACKER)).read().strip() == str(k)
+    assert sorted(os.listdir(ck)) == [f"iter_{k:07d}", TRACKER]  # one checkpoint, nothing half-written
+    assert open(code_file).read().strip() == "75"
