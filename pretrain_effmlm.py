@@ -23,22 +23,63 @@ def main(argv=None) -> int:
     from megatron_effmlm.config import ConfigError
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError
+    from megatron_effmlm.training.resilience import EXIT_BAD_INPUT, EXIT_NON_FINITE, NonFiniteError, StopRequests
 
+    stop = None
     try:
         cfg = parse_args(argv)
+        # Before anything slow: SIGTERM/SIGUSR1 then mean "save and exit 75", never a kill.
+        stop = StopRequests(cfg.train.exit_signal_handler, cfg.train.exit_duration_in_mins)
         from megatron_effmlm.training.loop import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop=stop)
         trainer.train()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        if not _peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        print(f"error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "
+              f"{first}", file=sys.stderr)
+        return 1
     finally:
+        if stop is not None:
+            stop.restore()
         from megatron_effmlm.parallel.init import destroy
 
         destroy()
-    return 0
+    return trainer.exit_code  # 0, or 75: stopped on a signal / the time limit after saving
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A communication failure (gloo/NCCL/the store) rather than a bug of this process."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed",
+                                   "timed out", "Timed out", "TCPStore"))
+
+
+def _report_exit_code(code: int):
+    """torchrun reports a worker's non-zero exit as its own code 1; the Slurm launchers learn
+    the real one (75: requeue) from this file, which local rank 0 of each node writes."""
+    import os
+
+    path = os.environ.get("EFFMLM_EXIT_CODE_FILE")
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _report_exit_code(code)
+    sys.exit(code)

@@ -54,6 +54,11 @@ class TrainConfig:
     loss_curve: Optional[str] = None  # PNG written at the end (and at each save)
     train_flops_budget: Optional[float] = None
     peak_tflops: Optional[float] = None
+    # Faults and preemption (training/resilience.py has the exit codes)
+    exit_signal_handler: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    max_skipped_iterations: int = 10
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -174,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak per process, for MFU in the progress line")
 
+    g = p.add_argument_group("faults and preemption")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1: finish the step, save, exit with code 75 (all ranks agree)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit with code 75 once this many minutes have passed since the start")
+    g.add_argument("--max-skipped-iterations", type=int, default=10,
+                   help="stop (exit code 3, saving the last good state) after more than this many "
+                        "non-finite steps in a row; each such step is skipped and logged")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="timeout of torch.distributed collectives: a dead or hung rank ends the run")
+
     g = p.add_argument_group("methods")
     g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
     g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
@@ -278,8 +294,20 @@ def config_from_args(a) -> RunConfig:
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
         load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
         exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
-        peak_tflops=a.peak_tflops,
+        peak_tflops=a.peak_tflops, exit_signal_handler=a.exit_signal_handler,
+        exit_duration_in_mins=a.exit_duration_in_mins, max_skipped_iterations=a.max_skipped_iterations,
+        distributed_timeout_minutes=a.distributed_timeout_minutes,
     )
+    for flag, on in (("--exit-signal-handler", a.exit_signal_handler),
+                     ("--exit-duration-in-mins", a.exit_duration_in_mins is not None)):
+        if on and not a.save:
+            raise ConfigError(f"{flag} needs --save: the checkpoint a restarted job resumes from")
+    if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
+    if a.max_skipped_iterations < 0:
+        raise ConfigError(f"--max-skipped-iterations must be >= 0, got {a.max_skipped_iterations}")
+    if not a.distributed_timeout_minutes > 0:
+        raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {a.distributed_timeout_minutes}")
     prec = PrecisionConfig(
         bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_margin=a.fp8_margin,
         fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,

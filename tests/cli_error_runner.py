@@ -9,7 +9,8 @@ if __name__ == "__main__":
     sys.path.insert(0, ".")
     import pretrain_effmlm
 
-    cases = json.load(open(sys.argv[1]))
+    # "-" reads the cases from stdin / writes the result as the last line of stdout
+    cases = json.load(sys.stdin if sys.argv[1] == "-" else open(sys.argv[1]))
     out = {}
     for name, argv in cases.items():
         err = io.StringIO()
@@ -19,4 +20,7 @@ if __name__ == "__main__":
             except SystemExit as e:  # argparse
                 code = e.code
         out[name] = [code, err.getvalue()]
-    json.dump(out, open(sys.argv[2], "w"))
+    if sys.argv[2] == "-":
+        print(json.dumps(out))
+    else:
+        json.dump(out, open(sys.argv[2], "w"))

@@ -19,6 +19,21 @@ def errors(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_di
     shutil.copy(demo_data_prefix + ".bin", corrupt + ".bin")
     idx = open(demo_data_prefix + ".idx", "rb").read()
     open(corrupt + ".idx", "wb").write(idx[: len(idx) // 2])
+    shutil.copy(demo_data_prefix + ".idx", str(tmp / "nobin.idx"))
+    shutil.copy(demo_data_prefix + ".bin", str(tmp / "noidx.bin"))
+    # documents of one sentence each, for --bert-binary-head (which pairs two sentences)
+    from megatron_effmlm.data.preprocess import preprocess
+
+    one = tmp / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"Sentence number {i} is alone in its document."}) + "\n"
+                           for i in range(60)))
+    preprocess(str(one), str(tmp / "one"), demo_tokenizer_dir, split_sentences=True, workers=1, log_interval=0,
+               punkt_cache=os.path.join(test_cache_dir, "demo_punkt.json"))
+    # a tokenizer of another, smaller vocabulary than the one the demo data was made with
+    from megatron_effmlm.data.tokenizer import train_tokenizer
+
+    train_tokenizer((json.loads(l)["text"] for l in one.read_text().splitlines()), "wordpiece", 200,
+                    str(tmp / "small_tok"), lowercase=True)
     args = lambda **kw: tiny_model_args(demo_data_prefix, demo_tokenizer_dir, dc, **kw)
     cases = {
         "missing_data": args(**{"--data-path": str(tmp / "nope")}),
@@ -30,7 +45,22 @@ def errors(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_di
         "unknown_method": args(**{"--method": "nonsense"}),
         "bad_load": args(**{"--load": str(tmp / "no_ckpt")}),
         "vpp_pp1": args(**{"--num-layers-per-virtual-pipeline-stage": 1}),
+        "missing_bin": args(**{"--data-path": str(tmp / "nobin")}),
+        "missing_idx": args(**{"--data-path": str(tmp / "noidx")}),
+        "blend_weight": args(**{"--data-path": f"0 {demo_data_prefix} 1 {demo_data_prefix}"}),
+        "tp3": args(**{"--tensor-model-parallel-size": 3}),
+        "tokenizer_mismatch": args(**{"--tokenizer-dir": str(tmp / "small_tok"), "--save": str(tmp / "never")}),
+        "one_sentence_docs": args(**{"--data-path": str(tmp / "one_text_sentence"), "--bert-binary-head": ""}),
+        "signal_without_save": args(**{"--exit-signal-handler": ""}),
+        "max_skipped": args(**{"--max-skipped-iterations": -1}),
+        "make_checkpoint": args(**{"--train-iters": 1, "--save": str(tmp / "ck64")}),  # not an error
+        "load_other_width": args(**{"--hidden-size": 32, "--load": str(tmp / "ck64"), "--train-iters": 2}),
+        "load_other_depth": args(**{"--num-layers": 4, "--load": str(tmp / "ck64"), "--train-iters": 2}),
+        "load_other_method": args(**{"--method": "3ml", "--load": str(tmp / "ck64"), "--train-iters": 2}),
     }
+    for case in cases.values():  # a blend is several values of --data-path
+        i = case.index("--data-path")
+        case[i + 1:i + 2] = case[i + 1].split()
     spec, out = tmp / "cases.json", tmp / "out.json"
     spec.write_text(json.dumps(cases))
     r = subprocess.run([sys.executable, "tests/cli_error_runner.py", str(spec), str(out)], cwd=REPO_ROOT,
@@ -88,3 +118,60 @@ def test_virtual_stages_need_a_deeper_pipeline(errors):
     assert _err(errors, "vpp_pp1") == (
         "error: --num-layers-per-virtual-pipeline-stage 1 needs --pipeline-model-parallel-size > 2, "
         "an even layer split, and must divide the layers of a stage")
+
+
+def test_missing_bin_or_idx(errors):
+    tmp = errors[1]
+    assert _err(errors, "missing_bin") == (
+        f"error: --data-path: no indexed dataset at prefix {tmp / 'nobin'}: {tmp / 'nobin'}.bin does not exist "
+        "(give the prefix without .bin/.idx)")
+    assert _err(errors, "missing_idx") == (
+        f"error: --data-path: no indexed dataset at prefix {tmp / 'noidx'}: {tmp / 'noidx'}.idx does not exist "
+        "(give the prefix without .bin/.idx)")
+
+
+def test_bad_blend_weight(errors):
+    assert _err(errors, "blend_weight") == "error: --data-path: blend weight '0' must be a positive number"
+
+
+def test_impossible_parallel_layout(errors):
+    assert _err(errors, "tp3") == (
+        "error: world size 1 is not divisible by --tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1")
+
+
+def test_tokenizer_does_not_match_the_data(errors, demo_data_prefix):
+    tmp = errors[1]
+    msg = _err(errors, "tokenizer_mismatch")
+    assert msg.startswith(f"error: {demo_data_prefix}.bin holds token id ")
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    small = EffMLMTokenizer.from_dir(str(tmp / "small_tok")).vocab_size
+    assert msg.endswith(f"outside the vocabulary of the tokenizer in {tmp / 'small_tok'} ({small} tokens): "
+                        "the data was made with another tokenizer (--tokenizer-dir)")
+    assert not os.path.exists(tmp / "never")  # nothing half-written
+
+
+def test_one_sentence_documents_with_the_binary_head(errors):
+    assert _err(errors, "one_sentence_docs") == (
+        f"error: --data-path {errors[1] / 'one_text_sentence'}: no train sample: --bert-binary-head pairs 2 "
+        "sentences of one document, and no document here has 2 (one-sentence documents; preprocess with "
+        "--split-sentences, or train without --bert-binary-head)")
+
+
+def test_preemption_flags_need_a_checkpoint(errors):
+    assert _err(errors, "signal_without_save") == (
+        "error: --exit-signal-handler needs --save: the checkpoint a restarted job resumes from")
+    assert _err(errors, "max_skipped") == "error: --max-skipped-iterations must be >= 0, got -1"
+
+
+def test_load_a_checkpoint_of_another_model(errors):
+    results, tmp = errors
+    assert results["make_checkpoint"][0] == 0, results["make_checkpoint"][1][-2000:]
+    ck = tmp / "ck64" / "iter_0000001"
+    assert _err(errors, "load_other_width") == (
+        f"error: checkpoint {ck} is of another model size: embedding.word_embeddings.weight has shape "
+        "[4096, 64] there and [4096, 32] here")
+    assert _err(errors, "load_other_depth") == (
+        f"error: checkpoint {ck} is of another model size: encoder.layers.self_attention.linear_qkv."
+        "layer_norm_weight has shape [2, 64] there and [4, 64] here")
+    assert _err(errors, "load_other_method").startswith(f"error: checkpoint {ck} is of another model: it has no ")

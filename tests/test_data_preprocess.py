@@ -110,3 +110,17 @@ def test_errors(tmp_path, capsys, demo_tokenizer_dir):
     assert run(src, tok=tmp_path / "no_tok") == (
         2, f"error: tokenizer directory not found: {tmp_path / 'no_tok'} (write one with tools/train_tokenizer.py)")
     assert not list(tmp_path.glob("out*"))  # nothing half-written
+
+
+def test_only_empty_documents_is_an_error_and_writes_nothing(tmp_path, capsys, demo_tokenizer_dir):
+    from tools.preprocess_data import main
+
+    src = tmp_path / "empty.jsonl"
+    src.write_text('{"text": ""}\n{"text": "   "}\n{"text": "\\n"}\n')
+    for extra in ([], ["--partitions", "2"], ["--split-sentences", "--punkt-cache", str(tmp_path / "p.json")]):
+        rc = run_cli(main, ["--input", str(src), "--tokenizer-dir", demo_tokenizer_dir,
+                            "--output-prefix", str(tmp_path / "out"), *extra])
+        assert (rc, capsys.readouterr().err.splitlines()[-1]) == (
+            2, f"error: --input {src}: no text under json key 'text' in any of its 3 documents (3 empty): "
+               "nothing to write"), extra
+        assert not list(tmp_path.glob("out*"))  # nothing half-written

@@ -6,14 +6,18 @@ Layout under `--save DIR`:
 A checkpoint is written to `iter_XXXXXXX.tmp` and renamed only after every rank finished,
 and the tracker file is replaced atomically after that: a crash or SIGTERM mid-save leaves
 the previous checkpoint as the one `--load` picks. Loading goes through torch's
-weights-only unpickler (dist_checkpointing's common state) and torch_dist shards: no
-arbitrary objects are unpickled.
+weights-only unpickler (dist_checkpointing's common state) and torch_dist shards, and
+torch DCP's `.metadata` pickle is first read with an unpickler that admits only checkpoint
+metadata classes: no arbitrary objects are unpickled. A partial or corrupt latest
+checkpoint is skipped with a warning naming it, and the previous complete one is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import shutil
 
 import torch
@@ -24,11 +28,15 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_effmlm.model.builder import unwrap
 
 logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
+# What reading a torn or corrupt checkpoint raises; torch DCP's CheckpointException (it
+# gathers every rank's failure) is a BaseException.
+_READ_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
@@ -132,24 +140,143 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def find_latest(root: str):
-    """The directory of the latest complete checkpoint under `root`, or None."""
+def _iterations_on_disk(root: str):
+    """Iterations of the `iter_XXXXXXX` directories under `root` (not `.tmp`), newest first."""
+    found = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"iter_(\d{7})", name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append(int(m.group(1)))
+    return sorted(found, reverse=True)
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isdir(path) and dist_checkpointing.check_is_distributed_checkpoint(path)
+
+
+def find_candidates(root: str):
+    """Checkpoint directories to try under `root`, best first: the one the tracker names,
+    then every older `iter_*` directory. [] when `root` holds no checkpoint (a fresh start)."""
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root}: no such directory")
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         if dist_checkpointing.check_is_distributed_checkpoint(root):
-            return root  # --load pointed at one checkpoint directory
-        return None
+            return [root]  # --load pointed at one checkpoint directory
+        on_disk = _iterations_on_disk(root)
+        if on_disk:
+            _warn(f"{tracker} is missing; trying the checkpoints on disk, newest first")
+        return [checkpoint_dir(root, i) for i in on_disk]
     text = open(tracker).read().strip()
     try:
         iteration = int(text)
     except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    path = checkpoint_dir(root, iteration)
-    if not dist_checkpointing.check_is_distributed_checkpoint(path):
-        raise CheckpointError(f"{tracker} names iteration {iteration} but {path} is not a complete checkpoint")
-    return path
+        _warn(f"{tracker}: expected an iteration number, found {text!r}; trying the checkpoints on disk")
+        return [checkpoint_dir(root, i) for i in _iterations_on_disk(root)]
+    return [checkpoint_dir(root, iteration)] + [checkpoint_dir(root, i) for i in _iterations_on_disk(root) if i < iteration]
+
+
+def find_latest(root: str):
+    """The directory of the latest complete checkpoint under `root`, or None."""
+    for path in find_candidates(root):
+        if _is_complete(path):
+            return path
+    return None
+
+
+def _warn(msg: str):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(msg)
+
+
+def _check_model_shapes(path: str, model, allow_missing=()):
+    """One clear error when the checkpoint is of another model (size, layers, vocabulary).
+    `allow_missing`: key prefixes a weights-only checkpoint may lack (FRESH_PREFIXES)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    for chunk in model:
+        for t in nested_values(unwrap(chunk).sharded_state_dict()):
+            if not isinstance(t, ShardedTensor):
+                continue
+            if t.key not in saved:
+                if t.key.startswith(tuple(allow_missing)):
+                    continue
+                raise CheckpointError(f"checkpoint {path} is of another model: it has no {t.key} "
+                                      f"(a different --method, --num-layers or layer type?)")
+            there, here = tuple(saved[t.key].global_shape), tuple(t.global_shape)
+            if there != here:
+                raise CheckpointError(f"checkpoint {path} is of another model size: {t.key} has shape "
+                                      f"{list(there)} there and {list(here)} here")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file would unpickle something other than tensors and checkpoint metadata."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch DCP reads `.metadata` with plain pickle; this one admits only the classes such
+    metadata is made of, so checking a file first means no arbitrary object is ever built."""
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        ok = module.startswith("torch.distributed.checkpoint.") or (
+            module == "torch" and isinstance(getattr(torch, name, None), (type(torch.Size), torch.dtype, torch.layout,
+                                                                          torch.memory_format))
+        ) or (module, name) in {("torch", "Size"), ("torch._utils", "_get_layout"),
+                                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+        if not ok:
+            raise UnsafeCheckpointError(f"refusing to load {self.path}: it would unpickle {module}.{name} "
+                                        "(only tensors and checkpoint metadata are loaded)")
+        return super().find_class(module, name)
+
+
+def _check_safe_pickles(path: str):
+    """Raise UnsafeCheckpointError if `.metadata` or `common.pt` hold arbitrary objects (other
+    read errors propagate as they are: a corrupt file). Shards are read by torch DCP with
+    torch.load(weights_only=True)."""
+    meta = os.path.join(path, ".metadata")
+    if os.path.exists(meta):
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f, meta).load()
+    common = os.path.join(path, "common.pt")
+    if os.path.exists(common):
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
+            if "Weights only load failed" in str(e) and "global" in str(e).lower():
+                first = next((l for l in str(e).splitlines()[1:] if "global" in l.lower()), "")
+                raise UnsafeCheckpointError(f"refusing to load {common}: it would unpickle an arbitrary object "
+                                            f"({first.strip()[:200]}); only tensors are loaded") from None
+            raise
+
+
+def _describe(error) -> str:
+    if error is None:
+        return "on another rank"
+    if isinstance(error, CheckpointException):  # torch DCP: {rank: (exception, traceback)}
+        failures = getattr(error, "failures", {}) or {}
+        first = next(iter(failures.values()), None)
+        first = first[0] if isinstance(first, tuple) else first
+        return f"{type(first).__name__ if first is not None else 'error'} reading it on rank(s) {sorted(failures)}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _agree(ok: bool) -> bool:
+    """True iff `ok` on every rank."""
+    if not dist.is_initialized():
+        return ok
+    from megatron_effmlm.parallel.init import comm_device
+
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
 
 
 # Parameters a weights-only checkpoint may lack: 3ML's decoder and e_mask when 3ML continues an
@@ -176,13 +303,45 @@ def _drop_absent_fresh(sd: dict, path: str) -> dict:
 
 
 def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict):
-    """Load the latest checkpoint under `root` into model/optimizer/scheduler in place.
+    """Load the latest complete, readable checkpoint under `root` into model/optimizer/scheduler.
 
+    A latest checkpoint that is partial (no metadata) or corrupt (a shard or the common state
+    cannot be read) is skipped with a warning naming it, and the previous one is loaded.
     Returns the checkpoint's extra values (iteration, consumed samples, method state), or
     None when `root` holds no checkpoint yet (a fresh start)."""
-    path = find_latest(root)
-    if path is None:
+    candidates = find_candidates(root)
+    if not candidates:
         return None
+    for n, path in enumerate(candidates):
+        if not _is_complete(path):
+            _warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
+                  "falling back to the previous one")
+            continue
+        try:
+            _check_safe_pickles(path)
+            weights_only = not dist_checkpointing.load_common_state_dict(path).get("has_optimizer", True)
+            _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else ())
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            error = e
+        else:
+            error = None
+            try:
+                result = _load_one(path, model, optimizer, scheduler, extra_template)
+            except CheckpointError:
+                raise
+            except _READ_ERRORS as e:  # a torn or corrupt file: megatron-core / torch DCP errors
+                error = e
+        if _agree(error is None):
+            if n:
+                _warn(f"loaded checkpoint {path} instead of the latest {candidates[0]}")
+            return result
+        _warn(f"skipping checkpoint {path}: corrupt or unreadable ({_describe(error)}); falling back to the previous one")
+    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
+
+
+def _load_one(path: str, model, optimizer, scheduler, extra_template: dict):
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = list(common.get("layout", [])) == _layout()
     # RNG streams are per rank: restore them only on the layout that wrote them.
@@ -191,10 +350,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
     fresh = _drop_absent_fresh(sd, path) if optimizer is None else {}
-    try:
-        loaded = dist_checkpointing.load(sd, path)
-    except Exception as e:  # name the checkpoint; megatron-core's messages are about keys
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+    loaded = dist_checkpointing.load(sd, path)  # read errors propagate: load_checkpoint falls back
     for i, chunk in enumerate(model):
         name = f"model{i}" if len(model) > 1 else "model"
         result = unwrap(chunk).load_state_dict(loaded[name], strict=not fresh.get(name))

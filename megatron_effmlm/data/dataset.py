@@ -242,6 +242,27 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> None:
         raise DataError(f"{bin_path}: truncated data file: {have} bytes, its index needs {need}")
 
 
+def check_token_ids(prefix: str, tokenizer, max_tokens: int = 1 << 24) -> None:
+    """The data must have been made with this tokenizer: its first `max_tokens` token ids
+    (a bounded read, whatever the corpus size) must lie inside the tokenizer's vocabulary."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if not vocab:
+        return
+    with open(f"{prefix}.idx", "rb") as f:
+        code = struct.unpack("<QBQQ", f.read(_IDX_HEADER_BYTES)[9:])[1]
+    dtype = DType.dtype_from_code(code)
+    count = min(os.path.getsize(f"{prefix}.bin") // numpy.dtype(dtype).itemsize, max_tokens)
+    if count == 0:
+        return
+    ids = numpy.memmap(f"{prefix}.bin", dtype=dtype, mode="r", shape=(count,))
+    top = int(ids.max())
+    if top >= vocab:
+        where = getattr(tokenizer, "path", None) or "the tokenizer"
+        raise DataError(
+            f"{prefix}.bin holds token id {top}, outside the vocabulary of the tokenizer in {where} "
+            f"({vocab} tokens): the data was made with another tokenizer (--tokenizer-dir)")
+
+
 def open_indexed_dataset(prefix: str, mmap: bool = True) -> IndexedDataset:
     check_indexed_dataset(prefix)
     try:
@@ -482,6 +503,15 @@ class BERTSentenceOrderDataset(BERTMaskedWordPieceDataset):
         # corpus's test split that training never reads): such a split has no samples.
         if len(self.indices) == 0:
             return numpy.zeros((0, 3), dtype=numpy.int32)
+        # ... and its sampler loops forever when no document has enough sentences for a pair.
+        docs = self.dataset.document_indices
+        sentences = docs[self.indices + 1] - docs[self.indices]
+        if self.num_samples and not (sentences >= min_sentences_per_sample).any():
+            raise DataError(
+                f"--data-path {self.dataset_path}: no {self.index_split.name} sample: --bert-binary-head pairs "
+                f"{min_sentences_per_sample} sentences of one document, and no document here has "
+                f"{min_sentences_per_sample} (one-sentence documents; preprocess with --split-sentences, "
+                "or train without --bert-binary-head)")
         return super()._build_sample_index(sequence_length, min_sentences_per_sample)
 
     def _create_masked_lm_predictions(self, token_ids, target_sequence_length, numpy_random_state):
@@ -597,6 +627,7 @@ def build_train_valid_test_datasets(
     check_split(split)
     for prefix in prefixes:
         check_indexed_dataset(prefix)
+        check_token_ids(prefix, tokenizer)
     sizes = [train_samples, valid_samples, test_samples]
     if weights is not None and any(s is None for s in sizes):
         raise DataError(

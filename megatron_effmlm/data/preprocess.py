@@ -267,9 +267,10 @@ def _read_lines(path: str) -> Iterator[Tuple[str, int, bytes]]:
 
 def _encode_file(
     path: str, output_prefix: str, spec: EncodeSpec, workers: int, log_interval: int,
-    stats: PreprocessStats, dtype,
+    stats: PreprocessStats, dtype, whole: bool = True,
 ) -> Dict[str, str]:
-    """Encode one JSONL file into ``{output_prefix}_{key}_{level}``; returns key -> prefix."""
+    """Encode one JSONL file into ``{output_prefix}_{key}_{level}``; returns key -> prefix.
+    `whole`: the file is the whole input (not one partition), so it must yield sequences."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefixes = {k: output_prefix_for(output_prefix, k, spec.split_sentences) for k in spec.json_keys}
@@ -298,6 +299,8 @@ def _encode_file(
                 elapsed = max(time.time() - start, 1e-9)
                 print(f"processed {docs} documents ({docs / elapsed:.1f} docs/s, "
                       f"{stats.bytes / elapsed / 2**20:.2f} MB/s)", file=sys.stderr)
+        if whole:
+            _require_sequences(path, spec.json_keys, stats)
         for key, builder in builders.items():
             builder.finalize(f"{tmp[key]}.idx")
         for key, prefix in prefixes.items():
@@ -314,6 +317,15 @@ def _encode_file(
                 if os.path.exists(t + ext):
                     os.remove(t + ext)
     return prefixes
+
+
+def _require_sequences(path, keys, stats):
+    """Nothing is written for an input whose documents are all empty (for some key)."""
+    for key in keys:
+        if not stats.sequences.get(key, 0):
+            raise DataError(
+                f"--input {path}: no text under json key '{key}' in any of its {stats.documents} documents "
+                f"({stats.empty_documents.get(key, 0)} empty): nothing to write")
 
 
 def _split_into_partitions(path: str, parts: int, out_base: str) -> List[str]:
@@ -386,8 +398,10 @@ def preprocess(
         try:
             for i, part_input in enumerate(part_inputs):
                 part_prefixes.append(_encode_file(
-                    part_input, f"{part_base}_partition{i}", spec, workers, log_interval, stats, dtype
+                    part_input, f"{part_base}_partition{i}", spec, workers, log_interval, stats, dtype, whole=False
                 ))
+            if stats.documents:
+                _require_sequences(input_path, json_keys, stats)
             prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in json_keys}
             for key, prefix in prefixes.items():
                 builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)

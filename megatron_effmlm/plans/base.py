@@ -93,6 +93,9 @@ class Policy:
     def after_step(self, step: int) -> None:
         """Called on every rank after each optimizer step (collectives allowed)."""
 
+    def discard_step(self) -> None:
+        """Called on every rank instead of after_step when the step was skipped (non-finite)."""
+
     def state_dict(self) -> dict:
         return {}
 

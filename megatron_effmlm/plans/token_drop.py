@@ -109,6 +109,9 @@ class TokenDropPolicy(Policy):
         self._pin()
         self._reset_stats()
 
+    def discard_step(self):
+        self._reset_stats()  # a non-finite step's losses must not reach the importance table
+
     def state_dict(self):
         return {"importance": self.importance.clone()}
 

@@ -32,6 +32,8 @@ from megatron_effmlm.model.builder import build_model, unwrap
 from megatron_effmlm.parallel.init import comm_device, initialize_distributed
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
+from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
+                                                 all_finite)
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +55,23 @@ def is_logging_rank() -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, tokenizer=None, datasets=None):
+    def __init__(self, cfg: RunConfig, tokenizer=None, datasets=None, stop: Optional[StopRequests] = None):
         self.cfg = cfg
+        # Signal handlers go in first (pretrain_effmlm.main passes them): a signal during the
+        # build is then honoured after the first step instead of killing the process.
+        self.stop = stop or StopRequests(False, cfg.train.exit_duration_in_mins)
         par, t = cfg.parallel, cfg.train
         # The layout is checked before megatron-core sees it: one clear error, not its assert.
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp_size = check_layout(cfg, world)
         initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                               par.virtual_pipeline_size(cfg.model.num_layers), t.seed)
+                               par.virtual_pipeline_size(cfg.model.num_layers), t.seed,
+                               timeout_minutes=t.distributed_timeout_minutes)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        if is_logging_rank():
+            print(f"parallel layout: world size {dist.get_world_size()} = TP {par.tensor_model_parallel_size} x "
+                  f"PP {par.pipeline_model_parallel_size} x DP {self.dp_size}, {self.num_microbatches} "
+                  f"micro-batch(es) of {t.micro_batch_size} per step", flush=True)
 
         if tokenizer is None:
             from megatron_effmlm.data.tokenizer import EffMLMTokenizer
@@ -139,8 +149,11 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_iters = 0
+        self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.exit_code = EXIT_OK
         self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
-        if t.load:
+        # --load DIR --save DIR (a requeueable job's command line): a missing DIR is a fresh start.
+        if t.load and (t.load != t.save or os.path.isdir(t.load)):
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
                 {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
@@ -264,7 +277,15 @@ class Trainer:
         self.optimizer.zero_grad()
         self._batch_tokens = 0
         reports = self._run_schedule(data_iterator, forward_only=False, num_microbatches=self.num_microbatches)
-        ok, grad_norm, _ = self.optimizer.step()
+        loss = self._reduce_report(reports)
+        # A non-finite loss or gradient on any rank: every rank skips the update (and the
+        # method's statistics), the batch counts as consumed, as an fp16 overflow would.
+        finite = all_finite(loss, self.model)
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+        else:
+            ok, grad_norm = False, float("nan")
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         gbs = self.cfg.train.global_batch_size
         if ok:
             self.scheduler.step(increment=gbs)
@@ -272,8 +293,10 @@ class Trainer:
             self.skipped_iters += 1
         self.iteration += 1
         self.consumed_samples += gbs
-        self.policy.after_step(self.iteration)
-        loss = self._reduce_report(reports)
+        if finite:
+            self.policy.after_step(self.iteration)
+        else:
+            self.policy.discard_step()
         extra = {k: self._reduce_report(reports, k) for k in self.EXTRA_REPORTS}
         tokens = torch.tensor([self._batch_tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
@@ -287,6 +310,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens": tokens.item(),
             "skipped": not ok,
+            "non_finite": not finite,
         }
 
     @torch.no_grad()
@@ -324,8 +348,18 @@ class Trainer:
         for m in self.model:
             m.train()
         window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
+        self._train_loop(t, progress, it, self.stop, valid_ds, window_t, window_tokens, window_flops)
+        if t.save and (not t.save_interval or self.iteration % t.save_interval):
+            self.save()
+        progress.write_curve(t.loss_curve)
+        progress.close()
+        return progress
+
+    def _train_loop(self, t, progress, it, stop, valid_ds, window_t, window_tokens, window_flops):
         while self.iteration < t.train_iters:
             stats = self.train_step(it)
+            if stats["non_finite"]:
+                self._non_finite_step(t, progress)
             window_tokens += stats["tokens"]
             window_flops += stats.pop("flops")
             progress.history["flops"].append((self.iteration, self.train_flops))
@@ -353,8 +387,26 @@ class Trainer:
                     print(f"reached --train-flops-budget {t.train_flops_budget:.3e} at iteration "
                           f"{self.iteration} ({self.train_flops:.3e} FLOPs)", flush=True)
                 break
-        if t.save and (not t.save_interval or self.iteration % t.save_interval):
-            self.save()
-        progress.write_curve(t.loss_curve)
-        progress.close()
-        return progress
+            reason = stop.check()  # collective: every rank stops after the same step
+            if reason:
+                if is_logging_rank():
+                    print(f"stopping at iteration {self.iteration} on {reason}: saving a checkpoint and exiting "
+                          f"with code {EXIT_SAVED_RESUMABLE} (resumable)", flush=True)
+                self.exit_code = EXIT_SAVED_RESUMABLE
+                break
+
+    def _non_finite_step(self, t, progress):
+        limit = t.max_skipped_iterations
+        if is_logging_rank():
+            print(f"iteration {self.iteration}: non-finite loss or gradient, update skipped "
+                  f"({self.nonfinite_in_a_row} in a row, --max-skipped-iterations {limit}; "
+                  f"{self.skipped_iters} skipped in all)", flush=True)
+        if self.nonfinite_in_a_row <= limit:
+            return
+        where = "no --save given, nothing saved"
+        if t.save:
+            where = f"the last good state is saved in {self.save()}"
+            progress.write_curve(t.loss_curve)
+        raise NonFiniteError(
+            f"{self.nonfinite_in_a_row} iterations in a row (up to iteration {self.iteration}) had a non-finite "
+            f"loss or gradient, more than --max-skipped-iterations {limit}; {where}")

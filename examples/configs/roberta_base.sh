@@ -1,0 +1,22 @@
+# RoBERTa-base (12 x 768, 12 heads, T = 512, byte-level BPE, full-sentence packing) -- source this (the launchers do): sets EFFMLM_ARGS for pretrain_effmlm.py.
+#   one node:      METHOD=sctd DATA=... TOK=... bash examples/pretrain_one_node.sh examples/configs/roberta_base.sh
+#   several nodes: METHOD=sctd DATA=... TOK=... sbatch --nodes 4 slurm/pretrain_torchrun.sbatch examples/configs/roberta_base.sh
+# RoBERTa's recipe as the 3ML paper trains it: batch 8k, peak lr 6e-4, warm-up 24k, 500k steps, beta2 0.98.
+# DATA: a preprocess_data.py prefix or a blend "0.7 a 0.3 b"; TOK: a train_tokenizer.py directory.
+# The global batch is fixed; MICRO_BATCH per process (gradient accumulation fills the rest).
+: "${DATA:?set DATA to a --data-path prefix (or a blend)}" "${TOK:?set TOK to a --tokenizer-dir}"
+OUT=${OUT:-runs/roberta_base_${METHOD:-vanilla}}
+LTD_STEPS=${LTD_STEPS:-100000}
+source "$(dirname "${BASH_SOURCE[0]}")/methods.sh" || return 2
+EFFMLM_ARGS=(
+  --data-path $DATA --tokenizer-dir "$TOK" --split 949,50,1
+  --num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 512
+  --micro-batch-size "${MICRO_BATCH:-16}" --global-batch-size "${GLOBAL_BATCH:-8192}" --train-iters "${TRAIN_ITERS:-500000}"
+  --lr "${LR:-6e-4}" --min-lr 0 --lr-decay-style linear --lr-warmup-iters "${WARMUP:-24000}" --weight-decay 0.01 --clip-grad 0.0
+  --adam-beta1 0.9 --adam-beta2 0.98 --adam-eps 1e-6 --bf16
+  --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
+  --log-interval 100 --eval-interval 5000 --eval-iters 20
+  --save "$OUT/ckpt" --load "$OUT/ckpt" --save-interval 5000 --tensorboard-dir "$OUT/tb"
+  --exit-signal-handler --peak-tflops "${PEAK_TFLOPS:-989}"
+  "${METHOD_ARGS[@]}"
+)
