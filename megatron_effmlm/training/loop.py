@@ -280,7 +280,7 @@ class Trainer:
         loss = self._reduce_report(reports)
         # A non-finite loss or gradient on any rank: every rank skips the update (and the
         # method's statistics), the batch counts as consumed, as an fp16 overflow would.
-        finite = all_finite(loss, self.model)
+        finite = all_finite(loss, self.model, check_grads=not self.cfg.precision.fp16)
         if finite:
             ok, grad_norm, _ = self.optimizer.step()
         else:

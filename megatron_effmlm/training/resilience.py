@@ -93,9 +93,11 @@ def local_grads_finite(model_chunks) -> bool:
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
-def all_finite(loss: float, model_chunks) -> bool:
-    """True on every rank iff the step's loss and every rank's gradients are finite."""
-    ok = math.isfinite(loss) and local_grads_finite(model_chunks)
+def all_finite(loss: float, model_chunks, check_grads: bool = True) -> bool:
+    """True on every rank iff the step's loss and (with check_grads) every rank's gradients are
+    finite. fp16 passes check_grads=False: its gradients are loss-scaled, and an overflow there
+    is the loss scaler's to handle (megatron-core's optimizer skips the step, lowers the scale)."""
+    ok = math.isfinite(loss) and (not check_grads or local_grads_finite(model_chunks))
     from megatron_effmlm.parallel.init import comm_device
 
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=comm_device())
