@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
 import time
-import warnings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (REPO_ROOT, os.path.join(REPO_ROOT, "bench")):
@@ -224,20 +222,14 @@ def measure(a, runner, mcfg, log):
 
 def main(argv=None):
     a = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import logging
+    from step_time import bench_logger, build_data, device_name, device_tag, git_state, predicted_flops
 
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    log = bench_logger()
     start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
-
     import megatron.core
 
     from megatron_effmlm.model.backends import select_backends
     from megatron_effmlm.parallel.init import initialize_distributed
-    from step_time import build_data, device_name, device_tag, git_state, predicted_flops
 
     initialize_distributed(1, 1, None, a.seed)
     kernels = select_backends(a.transformer_impl, a.attention_backend)
@@ -342,10 +334,9 @@ def write_outputs(a, res, tag):
 
     os.makedirs(a.results_dir, exist_ok=True)
     stem = os.path.join(a.results_dir, f"gpu_throughput_{tag}")
-    for ext, text in ((".json", json.dumps(res, indent=2)), (".md", markdown(res))):
-        with open(stem + ext + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(stem + ext + ".tmp", stem + ext)
+    from step_time import write_tables
+
+    write_tables(stem, res, markdown(res))
     groups = [(s, p) for s in a.shapes for p in sorted({r["precision"] for r in res["rows"]})]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.4), squeeze=False)
     for ax, (shape, prec) in zip(axes[0], groups):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -130,10 +129,9 @@ def write_outputs(a, res, tag):
 
     os.makedirs(a.results_dir, exist_ok=True)
     stem = os.path.join(a.results_dir, f"preprocess_{tag}")
-    for ext, text in ((".json", json.dumps(res, indent=2)), (".md", markdown(res))):
-        with open(stem + ext + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(stem + ext + ".tmp", stem + ext)
+    from step_time import write_tables
+
+    write_tables(stem, res, markdown(res))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for split, color in ((True, "#3b75af"), (False, "#e08a2c")):
         rs = [r for r in res["rows"] if r["split_sentences"] == split]

@@ -533,8 +533,8 @@ def markdown_table(res):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
-    a = parse_args(argv)
+def bench_logger():
+    """Quiet megatron-core's warnings; return log(msg), which prints with seconds since now."""
     warnings.filterwarnings("ignore")
     import logging
 
@@ -543,6 +543,22 @@ def main(argv=None):
 
     def log(msg):
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
+def write_tables(stem: str, res: dict, md: str):
+    """stem.json and stem.md, each written atomically."""
+    for ext, text in ((".json", json.dumps(res, indent=2)), (".md", md)):
+        with open(stem + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + ext + ".tmp", stem + ext)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    log = bench_logger()
+    start = time.perf_counter()
 
     from megatron_effmlm.parallel.init import initialize_distributed
     from megatron_effmlm.plans.random_ltd import ltd_length
