@@ -48,8 +48,8 @@ print(text, "->", ", ".join(f"{r['token_str']} ({r['score']:.2f})" for r in fill
 EOF
 [ -f data/rotten_tomatoes/dev.tsv ] || \
   $PY tools/rotten_tomatoes_to_glue.py --cache-dir data/cache --output-dir data/rotten_tomatoes
-$PY tools/finetune.py --model-dir "$OUT/hf" --data-dir data/rotten_tomatoes --task sst2 --seeds 1 --epochs 2 \
-  --lr 5e-4 --max-length 64 --max-train-examples "$FT_EXAMPLES" --log-interval 25 --output "$OUT/finetune.json"
+$PY tools/finetune.py --model-dir "$OUT/hf" --data-dir data/rotten_tomatoes --task sst2 --seeds 1 --epochs 3 \
+  --lr 2e-4 --max-length 64 --max-train-examples "$FT_EXAMPLES" --log-interval 25 --output "$OUT/finetune.json"
 echo
 echo "checkpoint:   $OUT/ckpt (latest: $(cat $OUT/ckpt/latest_checkpointed_iteration.txt))"
 echo "transformers: $OUT/hf   (AutoModelForMaskedLM.from_pretrained('$OUT/hf'); model card $OUT/hf/README.md)"
