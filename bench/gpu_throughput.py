@@ -299,11 +299,9 @@ def main(argv=None):
     return 0
 
 
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def markdown(res):
+    from step_time import fmt
+
     c = res["config"]
     lines = [f"Device: {res['device']}; {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
              "Kernels: " + "; ".join(f"{k}: {v}" for k, v in res["kernels"].items()) + ".",

@@ -445,12 +445,7 @@ def write_outputs(a, res, log):
 
     os.makedirs(a.results_dir, exist_ok=True)
     stem = os.path.join(a.results_dir, f"step_time_{a.tag}")
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(stem + ".json.tmp", stem + ".json")
-    with open(stem + ".md.tmp", "w") as f:
-        f.write(markdown_table(res))
-    os.replace(stem + ".md.tmp", stem + ".md")
+    write_tables(stem, res, markdown_table(res))
 
     rows = res["methods"]
     names = [r["method"] for r in rows]

@@ -319,7 +319,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
             continue
         try:
             _check_safe_pickles(path)
-            weights_only = not dist_checkpointing.load_common_state_dict(path).get("has_optimizer", True)
+            common = dist_checkpointing.load_common_state_dict(path)
+            weights_only = not common.get("has_optimizer", True)
             _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else ())
         except CheckpointError:
             raise
@@ -328,7 +329,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
         else:
             error = None
             try:
-                result = _load_one(path, model, optimizer, scheduler, extra_template)
+                result = _load_one(path, common, model, optimizer, scheduler, extra_template)
             except CheckpointError:
                 raise
             except _READ_ERRORS as e:  # a torn or corrupt file: megatron-core / torch DCP errors
@@ -341,8 +342,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
 
 
-def _load_one(path: str, model, optimizer, scheduler, extra_template: dict):
-    common = dist_checkpointing.load_common_state_dict(path)
+def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_template: dict):
     same_layout = list(common.get("layout", [])) == _layout()
     # RNG streams are per rank: restore them only on the layout that wrote them.
     rng = _rng_state() if same_layout else None

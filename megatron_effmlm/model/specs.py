@@ -14,12 +14,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 logger = logging.getLogger(__name__)
 
 
-def te_available() -> tuple[bool, str]:
-    from megatron_effmlm.model.backends import te_status
-
-    return te_status()
-
-
 class TorchLayerNorm(torch.nn.LayerNorm):
     """torch LayerNorm for the local spec, usable with sequence parallelism.
 
