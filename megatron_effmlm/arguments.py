@@ -357,14 +357,12 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
         )
     if par.num_layers_per_virtual_pipeline_stage:
         per_stage = cfg.model.num_layers // par.pipeline_model_parallel_size
-        if par.pipeline_model_parallel_size < 3 or cfg.model.num_layers % par.pipeline_model_parallel_size \
+        if par.pipeline_model_parallel_size < 2 or cfg.model.num_layers % par.pipeline_model_parallel_size \
                 or per_stage % par.num_layers_per_virtual_pipeline_stage or par.pipeline_stage_layers \
                 or par.pipeline_split_by != "layers":
-            # PP=2 is a ring of two: the interleaved schedule's batched sends to the previous
-            # and the next rank go to the same peer and can be matched the wrong way round.
             raise ConfigError(
                 f"--num-layers-per-virtual-pipeline-stage {par.num_layers_per_virtual_pipeline_stage} needs "
-                "--pipeline-model-parallel-size > 2, an even layer split, and must divide the layers of a stage"
+                "--pipeline-model-parallel-size > 1, an even layer split, and must divide the layers of a stage"
             )
         if (t.global_batch_size // (t.micro_batch_size * dp)) % par.pipeline_model_parallel_size:
             raise ConfigError("the interleaved schedule needs the number of micro-batches to be a multiple "

@@ -183,9 +183,13 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         apply_rope_fusion=False,
         # The MLM loss is a mean over predicted tokens of the whole global batch.
         calculate_per_token_loss=True,
-        # 3ML and token dropping change the number of live tokens between pipeline stages.
-        # (the interleaved schedule's shape exchange misbehaves: there the carry has a fixed size)
-        variable_seq_lengths=par.pipeline_model_parallel_size > 1 and not par.num_layers_per_virtual_pipeline_stage,
+        # 3ML and token dropping change the number of live tokens between pipeline stages
+        # (shapes exchanged by megatron_effmlm.parallel.p2p).
+        variable_seq_lengths=par.pipeline_model_parallel_size > 1,
+        # A ring of two interleaved stages sends to its previous and next stage, the same rank,
+        # in one call: batched, the two messages can be matched the wrong way round; megatron-core's
+        # unbatched path orders them by rank parity on two groups.
+        batch_p2p_comm=not (par.pipeline_model_parallel_size == 2 and par.num_layers_per_virtual_pipeline_stage),
         moe_token_dispatcher_type="alltoall",  # "allgather" refuses variable_seq_lengths
         pipeline_model_parallel_layout=_layout(stage_layers),
     )

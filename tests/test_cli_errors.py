@@ -116,7 +116,7 @@ def test_load_path_missing(errors):
 
 def test_virtual_stages_need_a_deeper_pipeline(errors):
     assert _err(errors, "vpp_pp1") == (
-        "error: --num-layers-per-virtual-pipeline-stage 1 needs --pipeline-model-parallel-size > 2, "
+        "error: --num-layers-per-virtual-pipeline-stage 1 needs --pipeline-model-parallel-size > 1, "
         "an even layer split, and must divide the layers of a stage")
 
 

@@ -23,6 +23,8 @@ METHOD_LAYOUTS = {
     "tp2sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "dp2_distopt": ["--use-distributed-optimizer"],  # data parallel with megatron-core's distributed optimizer
     "pp2": ["--pipeline-model-parallel-size", "2"],  # token dropping: drop and restore on stage 2; 3ML: injection mid-stage
+    # interleaved schedule on a ring of two: each rank's previous and next stage are the same rank
+    "pp2_vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
 }
 METHOD_LAYOUTS_4 = {  # 4 processes
     "pp4": ["--pipeline-model-parallel-size", "4"],  # one layer per stage: drop and restore on different stages
@@ -205,7 +207,8 @@ def vpp_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cac
                            **{"--num-layers": 8})
     refs = {m: {"args": base + a, "steps": STEPS, "save_init": str(tmp / f"init_{m}")} for m, a in VPP_METHODS.items()}
     scen = {m: {"args": base + a + ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1",
-                                    "--load", str(tmp / f"init_{m}")], "steps": STEPS} for m, a in VPP_METHODS.items()}
+                                    "--load", str(tmp / f"init_{m}")], "steps": STEPS, "count_p2p": True}
+            for m, a in VPP_METHODS.items()}
     ref = _run(tmp, 1, refs, "vpp_refs")
     return ref, _run(tmp, 4, scen, "vpp")
 
@@ -216,3 +219,30 @@ def test_virtual_pipeline_equals_single_process(vpp_results, method):
     for a, b in zip(got[method]["steps"], ref[method]["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (method, a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), (method, a, b)
+
+
+def _expected_vpp_rows(method, st, chunk, step):
+    """Rows rank 0 sends into layer 1 (chunk 0) or layer 5 (chunk 1) of 8, from the batch alone."""
+    T, real, masks = st["seq"], st["real"], st["masks"]
+    keep = [int(round(0.5 * n)) for n in real]
+    if method == "3ml":  # every encoder stage carries the unmasked tokens only
+        return max(n - m for n, m in zip(real, masks))
+    # token dropping: all tokens before the drop (layer 3); after it the kept tokens plus the
+    # dropped tokens' states from before layer 3, carried to the restore at layer 7
+    rows = T if chunk == 0 else max(keep) + max(n - k for n, k in zip(real, keep))
+    if method == "sctd" and step % 2 == 0:  # consistency steps add the full pass
+        rows += T
+    return rows
+
+
+@pytest.mark.parametrize("method", list(VPP_METHODS))
+def test_virtual_pipeline_sends_only_the_carry(vpp_results, method):
+    """Interleaved schedule: rank 0 (layers 0 and 4) sends each micro-batch's carry at its own
+    size, no padding; the schedule runs chunk 0 on micro-batches 0-3, then chunk 1."""
+    _, got = vpp_results
+    stats, sends = got[method]["batch_stats"], got[method]["sends"]
+    assert len(sends) == len(stats) == STEPS * 8  # 4 micro-batches x 2 chunks a step
+    for k, (shape, st) in enumerate(zip(sends, stats)):
+        rows = _expected_vpp_rows(method, st, chunk=(k // 4) % 2, step=k // 8)
+        assert shape == [rows, 2, 64], (method, k, shape, rows, st)
+    assert len({s[0] for s in sends}) > 1  # sizes really vary

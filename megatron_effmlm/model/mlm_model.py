@@ -148,9 +148,6 @@ class MLMModel(LanguageModule):
         # Forward FLOPs of the layers and head this stage ran, by the FLOP model; the trainer
         # reads and resets it every step (model TFLOP/s, --train-flops-budget).
         self.forward_flops = 0.0
-        # Rows of every message between stages when shapes cannot vary (virtual pipeline
-        # stages); None: each carry is sent at its own size (megatron-core variable_seq_lengths).
-        self.fixed_carry_rows = None
         # Live-token counts are padded to a multiple of this: FP8 GEMMs need 16 (MXFP8 32).
         self.live_token_multiple = 1
         if config.fp8:
@@ -207,9 +204,6 @@ class MLMModel(LanguageModule):
         outs = [self._run(r, c, *args) for r, c in zip(runners, carries)]
         if not self.post_process:
             carry = torch.cat(outs, 0)
-            if self.fixed_carry_rows:  # interleaved schedule: fixed-size messages, zero-padded
-                assert carry.shape[0] <= self.fixed_carry_rows, (carry.shape, self.fixed_carry_rows)
-                carry = torch.cat([carry, carry.new_zeros(self.fixed_carry_rows - carry.shape[0], *carry.shape[1:])])
             return make_viewless_tensor(carry, requires_grad=True, keep_graph=True)
         out = outs[0]
         if consistency_plan is not None:

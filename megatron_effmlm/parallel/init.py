@@ -53,6 +53,9 @@ def initialize_distributed(
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         )
+        from megatron_effmlm.parallel.p2p import build_shape_group
+
+        build_shape_group()
     set_seed(seed)
 
 
@@ -72,6 +75,9 @@ def destroy_model_parallel():
     """Tear down megatron-core's groups but keep torch.distributed (another layout may follow)."""
     from megatron.core import parallel_state
 
+    from megatron_effmlm.parallel.p2p import destroy_shape_group
+
+    destroy_shape_group()
     parallel_state.destroy_model_parallel()
 
 

@@ -30,6 +30,7 @@ from megatron_effmlm.checkpoint.run_info import run_info
 from megatron_effmlm.config import ConfigError, build_transformer_config
 from megatron_effmlm.model.builder import build_model, unwrap
 from megatron_effmlm.parallel.init import comm_device, initialize_distributed
+from megatron_effmlm.parallel.p2p import schedule_kwargs
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
 from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
@@ -90,15 +91,6 @@ class Trainer:
         self.stage_layers = self._stage_layers()
         self.tconfig = build_transformer_config(cfg.model, par, cfg.precision, self.stage_layers)
         self.model = build_model(cfg.model, par, self.tconfig)
-        self.message_rows = cfg.model.seq_length  # the schedule's tensor shape, when fixed
-        if par.num_layers_per_virtual_pipeline_stage:
-            # A bound on any carry: live tokens, stash rows, context (each <= T) and two captured
-            # states, for up to two passes (ScTD); a multiple of the TP size for sequence parallelism.
-            tp = par.tensor_model_parallel_size
-            rows = 2 * (3 * cfg.model.seq_length + 2)
-            self.message_rows = rows + (-rows % tp)
-            for m in self.model:
-                unwrap(m).fixed_carry_rows = self.message_rows // (tp if par.sequence_parallel else 1)
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -241,9 +233,10 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.model,
             num_microbatches=num_microbatches,
-            seq_length=self.message_rows,
+            seq_length=self.cfg.model.seq_length,  # unused: every message carries its own shape
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
+            **schedule_kwargs(self.tconfig),
         )
 
     EXTRA_REPORTS = ("sop loss", "full lm loss", "consistency kl")
