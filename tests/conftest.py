@@ -123,6 +123,17 @@ def run_torchrun(nproc, script_args, timeout=300, cwd=REPO_ROOT, env=None):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def run_scenarios(tmp_path, nproc, scenarios, name):
+    """Run tests/dist_worker.py's scenarios on `nproc` torchrun processes; return their results."""
+    import json
+
+    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}_out.json"
+    spec_path.write_text(json.dumps({"scenarios": scenarios}))
+    r = run_torchrun(nproc, ["tests/dist_worker.py", str(spec_path), str(out_path)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(out_path.read_text())
+
+
 def _free_port():
     import socket
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, run_torchrun, tiny_model_args
+from conftest import PYTHON, REPO_ROOT, run_scenarios, run_torchrun, tiny_model_args
 
 # name -> (flags, nproc-layout flags, export target, encoder only)
 SAVED = {
@@ -32,14 +32,6 @@ SAVED = {
 RESULTS = {}  # measured max abs differences, printed at the end of the module
 
 
-def _worker(tmp, nproc, scenarios, name):
-    spec, out = tmp / f"{name}.json", tmp / f"{name}_out.json"
-    spec.write_text(json.dumps({"scenarios": scenarios}))
-    r = run_torchrun(nproc, ["tests/dist_worker.py", str(spec), str(out)])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """Every SAVED model trained 2 steps on its layout and saved there; plus one process
@@ -48,12 +40,12 @@ def saved(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"))
     td = SAVED["token-drop-bert_pp2"][0]
     init = str(tmp / "td_init")
-    ref = _worker(tmp, 1, {"td_ref": {"args": base + td, "steps": 2, "save_init": init}}, "ref")
+    ref = run_scenarios(tmp, 1, {"td_ref": {"args": base + td, "steps": 2, "save_init": init}}, "ref")
     scen = {n: {"args": base + a + lay, "steps": 2, "save_final": str(tmp / n)} for n, (a, lay, _, _) in SAVED.items()}
     for lay, flags in (("pp2", ["--pipeline-model-parallel-size", "2"]),
                        ("tp2sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
         scen[f"td_from_init_{lay}"] = {"args": base + td + flags + ["--load", init], "steps": 2}
-    got = _worker(tmp, 2, scen, "saved")
+    got = run_scenarios(tmp, 2, scen, "saved")
     return tmp, ref["td_ref"], got
 
 
@@ -222,7 +214,7 @@ def test_import_then_train(imported, demo_data_prefix, test_cache_dir, tmp_path)
     flags = open(tmp / "ck_bert" / "model_args.txt").read().split()
     common = flags + ["--data-path", demo_data_prefix, "--micro-batch-size", "4", "--global-batch-size", "8",
                       "--lr", "1e-3", "--data-cache-path", os.path.join(test_cache_dir, "dc")]
-    got = _worker(tmp_path, 2, {
+    got = run_scenarios(tmp_path, 2, {
         "vanilla_tp2": {"args": common + ["--tensor-model-parallel-size", "2"], "steps": 2},
         "3ml_pp2": {"args": common + ["--method", "3ml", "--pipeline-model-parallel-size", "2"], "steps": 2},
     }, "continue")

@@ -3,13 +3,12 @@ the distributed optimizer and PP=2 all start from one TP=1 checkpoint (so loadin
 tests resharding) and must match the single-process losses, gradient norms and gradients
 over several optimizer steps (fp32, dropout off)."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from conftest import run_torchrun, tiny_model_args
+from conftest import run_scenarios, tiny_model_args
 
 METHODS = {
     "3ml": ["--method", "3ml"],
@@ -41,25 +40,17 @@ WITH_GRADS = {"tp2", "tp2_sp", "dp2"}  # same parameter names as the reference
 STEPS = 3
 
 
-def _run(tmp_path, nproc, scenarios, name):
-    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}_out.json"
-    spec_path.write_text(json.dumps({"scenarios": scenarios}))
-    r = run_torchrun(nproc, ["tests/dist_worker.py", str(spec_path), str(out_path)])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(out_path.read_text())
-
-
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     tmp = tmp_path_factory.mktemp("layouts")
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"))
     init = str(tmp / "init")
-    ref = _run(tmp, 1, {"ref": {"args": base, "steps": STEPS, "grads": True, "save_init": init}}, "ref")["ref"]
+    ref = run_scenarios(tmp, 1, {"ref": {"args": base, "steps": STEPS, "grads": True, "save_init": init}}, "ref")["ref"]
     scen = {
         name: {"args": base + extra + ["--load", init], "steps": STEPS, "grads": name in WITH_GRADS}
         for name, extra in LAYOUTS.items()
     }
-    return ref, _run(tmp, 2, scen, "layouts")
+    return ref, run_scenarios(tmp, 2, scen, "layouts")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -104,7 +95,7 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     for m in ("token-drop", "3ml"):
         refs[m]["steps"] = STEPS + 1
         scen4[f"{m}/tp2pp2"]["save_final"] = str(tmp / f"{m}_tp2pp2")
-    ref_results = _run(tmp, 1, refs, "method_refs")  # also writes the init checkpoints
+    ref_results = run_scenarios(tmp, 1, refs, "method_refs")  # also writes the init checkpoints
     # Uneven pipeline splits: explicit (3 + 1) for token dropping, FLOP-balanced for 3ML.
     scen["token-drop/pp2_split31"] = {"args": base + METHODS["token-drop"] + [
         "--pipeline-model-parallel-size", "2", "--pipeline-stage-layers", "3", "1", "--load", str(tmp / "init_token-drop")],
@@ -112,11 +103,11 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     scen["3ml/pp2_flops"] = {"args": base + METHODS["3ml"] + [
         "--pipeline-model-parallel-size", "2", "--pipeline-split-by", "flops", "--load", str(tmp / "init_3ml")],
         "steps": STEPS}
-    results = _run(tmp, 2, scen, "method_layouts")
-    results.update(_run(tmp, 4, scen4, "method_layouts_4"))
+    results = run_scenarios(tmp, 2, scen, "method_layouts")
+    results.update(run_scenarios(tmp, 4, scen4, "method_layouts_4"))
     back = {f"{m}_back": {"args": base + METHODS[m] + ["--load", str(tmp / f"{m}_tp2pp2")], "steps": 1}
             for m in ("token-drop", "3ml")}
-    results.update(_run(tmp, 1, back, "method_back"))
+    results.update(run_scenarios(tmp, 1, back, "method_back"))
     return ref_results, results
 
 
@@ -161,7 +152,7 @@ def p2p_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cac
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
                            **{"--num-layers": 4, "--pipeline-model-parallel-size": 2})
     scen = {m: {"args": base + a, "steps": STEPS, "count_p2p": True} for m, a in dict(METHODS, vanilla=[]).items()}
-    return _run(tmp, 2, scen, "p2p")
+    return run_scenarios(tmp, 2, scen, "p2p")
 
 
 def _expected_rows(method, st, step):
@@ -209,8 +200,8 @@ def vpp_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cac
     scen = {m: {"args": base + a + ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1",
                                     "--load", str(tmp / f"init_{m}")], "steps": STEPS, "count_p2p": True}
             for m, a in VPP_METHODS.items()}
-    ref = _run(tmp, 1, refs, "vpp_refs")
-    return ref, _run(tmp, 4, scen, "vpp")
+    ref = run_scenarios(tmp, 1, refs, "vpp_refs")
+    return ref, run_scenarios(tmp, 4, scen, "vpp")
 
 
 @pytest.mark.parametrize("method", list(VPP_METHODS))

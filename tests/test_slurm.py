@@ -4,7 +4,8 @@ both nodes, and a job preempted with SIGUSR1 saves, requeues itself, resumes fro
 checkpoint and produces exactly the loss sequence of an uninterrupted run.
 
 Tiny model on the CPU (gloo), demo data. Slurm and munge are installed by
-scripts/install_slurm.sh where missing; the tests skip only when that is impossible."""
+scripts/install_slurm.sh where missing; the tests skip only when that is impossible, and
+fail instead under EFFMLM_REQUIRE_SLURM=1 (CI sets it: a skip there would hide a regression)."""
 
 import json
 import os
@@ -24,6 +25,8 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     why = ensure_installed()
+    if why and os.environ.get("EFFMLM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"EFFMLM_REQUIRE_SLURM=1 but no Slurm cluster can be started: {why}")
     if why:
         pytest.skip(why)
     c = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
