@@ -54,6 +54,13 @@ class LiveTokenP2PCommunicator(P2PCommunicator):
     """megatron-core's P2PCommunicator; shapes exchanged as headers (see the module doc)."""
 
     def __init__(self, pp_group: dist.ProcessGroup, config, shape_group: dist.ProcessGroup):
+        # Both hooks must still exist in megatron-core, or its own exchange would run unseen.
+        for hook in ("_communicate_shapes", "_communicate"):
+            if not callable(getattr(P2PCommunicator, hook, None)):
+                import megatron.core
+
+                raise RuntimeError(f"megatron-core {megatron.core.__version__}: P2PCommunicator.{hook} is gone; "
+                                   "megatron_effmlm/parallel/p2p.py needs updating for this release")
         super().__init__(pp_group, config)
         self.shape_group = shape_group
         self._shape_sends = []  # in flight until this call's tensors are
