@@ -325,16 +325,9 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(a.results_dir, exist_ok=True)
-    stem = os.path.join(a.results_dir, f"gpu_throughput_{tag}")
     from step_time import write_tables
 
-    write_tables(stem, res, markdown(res))
+    stem, plt = write_tables(a.results_dir, f"gpu_throughput_{tag}", res, markdown(res))
     groups = [(s, p) for s in a.shapes for p in sorted({r["precision"] for r in res["rows"]})]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.4), squeeze=False)
     for ax, (shape, prec) in zip(axes[0], groups):

@@ -122,16 +122,9 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(a.results_dir, exist_ok=True)
-    stem = os.path.join(a.results_dir, f"preprocess_{tag}")
     from step_time import write_tables
 
-    write_tables(stem, res, markdown(res))
+    stem, plt = write_tables(a.results_dir, f"preprocess_{tag}", res, markdown(res))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for split, color in ((True, "#3b75af"), (False, "#e08a2c")):
         rs = [r for r in res["rows"] if r["split_sentences"] == split]

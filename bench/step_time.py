@@ -438,14 +438,7 @@ def baseline_counted_flops(batches, a):
 # ----------------------------------------------------------------------------- output
 
 def write_outputs(a, res, log):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(a.results_dir, exist_ok=True)
-    stem = os.path.join(a.results_dir, f"step_time_{a.tag}")
-    write_tables(stem, res, markdown_table(res))
+    stem, plt = write_tables(a.results_dir, f"step_time_{a.tag}", res, markdown_table(res))
 
     rows = res["methods"]
     names = [r["method"] for r in rows]
@@ -542,12 +535,21 @@ def bench_logger():
     return log
 
 
-def write_tables(stem: str, res: dict, md: str):
-    """stem.json and stem.md, each written atomically."""
+def write_tables(results_dir: str, name: str, res: dict, md: str):
+    """<name>.json and <name>.md in results_dir, each written atomically; returns the path stem
+    (for the PNG beside them) and pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, name)
     for ext, text in ((".json", json.dumps(res, indent=2)), (".md", md)):
         with open(stem + ext + ".tmp", "w") as f:
             f.write(text)
         os.replace(stem + ext + ".tmp", stem + ext)
+    return stem, plt
 
 
 def main(argv=None):

@@ -199,8 +199,7 @@ class MLMModel(LanguageModule):
         carries = [None] * len(plans)
         if not self.pre_process:  # split what the previous stage sent between the passes
             sizes = [r.carry_rows(self._first_layer_index()) for r in runners]
-            received = self.encoder.input_tensor
-            carries = list(torch.split(received[: sum(sizes)], sizes, 0))
+            carries = list(torch.split(self.encoder.input_tensor, sizes, 0))
         outs = [self._run(r, c, *args) for r, c in zip(runners, carries)]
         if not self.post_process:
             carry = torch.cat(outs, 0)

@@ -133,6 +133,7 @@ class Trainer:
         self.tconfig.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
+        self.schedule_kwargs = schedule_kwargs(self.tconfig)  # the pipeline communicator (PP > 1), built once
 
         self.policy = get_policy(
             t.method, tokenizer=tokenizer, binary_head=cfg.model.bert_binary_head,
@@ -236,7 +237,7 @@ class Trainer:
             seq_length=self.cfg.model.seq_length,  # unused: every message carries its own shape
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
-            **schedule_kwargs(self.tconfig),
+            **self.schedule_kwargs,
         )
 
     EXTRA_REPORTS = ("sop loss", "full lm loss", "consistency kl")
