@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_effmlm.compat.cpu import cpu_bf16_error
 from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 
 
@@ -212,8 +213,11 @@ def parse_args(argv=None) -> RunConfig:
 def config_from_args(a) -> RunConfig:
     if a.bf16 and a.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
-    if (a.bf16 or a.fp16) and not __import__("torch").cuda.is_available():
-        raise ConfigError(f"{'--bf16' if a.bf16 else '--fp16'} needs a CUDA device; CPU runs train in fp32")
+    if not __import__("torch").cuda.is_available():
+        if a.fp16:
+            raise ConfigError("--fp16 needs a CUDA device; on the CPU use --bf16 (or fp32)")
+        if a.bf16 and (reason := cpu_bf16_error()):
+            raise ConfigError(reason)
     if a.fp8_format:
         check_fp8(a.fp8_format, a.bf16 or a.fp16, a.transformer_impl, a.recompute_granularity)
     if not a.data_path:

@@ -346,6 +346,7 @@ def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_templa
     same_layout = list(common.get("layout", [])) == _layout()
     # RNG streams are per rank: restore them only on the layout that wrote them.
     rng = _rng_state() if same_layout else None
+    live_optimizer = optimizer
     if not common.get("has_optimizer", True):
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
@@ -358,6 +359,10 @@ def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_templa
             assert set(result.missing_keys) <= fresh[name] and not result.unexpected_keys, result
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif live_optimizer is not None:
+        # Weights only: a 16-bit model's fp32 main parameters (megatron-core's mixed precision)
+        # still hold the initial weights; train from the loaded ones.
+        live_optimizer.reload_model_params()
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng is not None:

@@ -153,6 +153,32 @@ def activate() -> bool:
     return True
 
 
+# bf16 on the CPU: oneDNN runs bf16 GEMMs natively only with these instructions; without them
+# it emulates bf16 and is slower than fp32, so `--bf16` is refused there.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The processor's feature flags (the `flags` line of /proc/cpuinfo; empty if unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_error(flags: set[str] | None = None) -> str | None:
+    """None when this CPU has native bf16 instructions, else the reason `--bf16` is refused."""
+    flags = cpu_flags() if flags is None else flags
+    if any(f in flags for f in CPU_BF16_FLAGS):
+        return None
+    return (f"--bf16 without CUDA needs a processor with bf16 instructions ({' or '.join(CPU_BF16_FLAGS)} in "
+            "/proc/cpuinfo's flags); this one has neither, so CPU runs train in fp32")
+
+
 def reinstall_rng_tracker():
     """megatron-core's `initialize_rng_tracker(force_reset=True)` replaces the tracker:
     put the CPU one back (no-op when the shims are off)."""
