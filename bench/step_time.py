@@ -4,8 +4,10 @@ megatron-core's own BertModel (the Megatron-LM baseline: LM head on every positi
     python bench/step_time.py            # default: 12 layers, T = 512, d = 256 (< 10 min on 2 CPU cores)
     python bench/step_time.py --quick    # tiny: 4 layers, T = 128 (about a minute)
     python bench/step_time.py --mode memory   # only the activation-memory part
+    python bench/step_time.py --precisions fp32,bf16   # both precisions side by side (bf16 / fp32 per method)
+    python bench/step_time.py --bf16          # bf16 only (megatron-core mixed precision; CPUs with avx512_bf16)
 
-One process, world size 1 (gloo on CPU, NCCL on a GPU), fp32. Every method gets its own model
+One process, world size 1 (gloo on CPU, NCCL on a GPU), fp32 unless --bf16 / --precisions. Every method gets its own model
 (same seed, same initial weights where the shapes agree) and its own megatron-core optimizer
 (`get_megatron_optimizer`, adam: torch AdamW on CPU, FusedAdam where Apex/TE exist), wrapped
 in megatron-core DDP, and runs megatron-core's forward/backward schedule exactly as
@@ -18,7 +20,11 @@ Memory: one forward per method under `torch.autograd.graph.saved_tensors_hooks`,
 bytes of the distinct storages saved for backward (parameters excluded); on CUDA also the
 peak of `torch.cuda.max_memory_allocated` over a whole step above the static state.
 
-Results: bench/results/step_time_<device>.{json,md,png}. Targets are reported, not asserted.
+Model FLOP/s (the FLOP model's FLOPs of the step over its median time) is reported as a fraction
+of this machine's own peak, measured in the same run by a timed large matrix product in the same
+precision (`--peak-shape`): the CPU's MFU.
+
+Results: bench/results/step_time_<device>[_<precisions>].{json,md,png}. Targets are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ BASELINE = "megatron-bert"
 # Step-time targets, as fractions of the baseline's step time.
 TARGETS = {"vanilla": 0.80, "3ml": 0.65, "token-drop": 0.63}
 FLOP_TOLERANCE = 0.08  # |measured / predicted - 1| <= 8%
+# Each method's step time over our vanilla's, against the FLOP model's ratio: within 5%.
+VANILLA_TOLERANCE = 0.05
+BF16_OVER_FP32_MAX = 0.6  # bf16 step time / fp32 step time, vanilla, default config
+MFU_MIN = 0.5  # vanilla's model FLOP/s over the measured matmul peak
+PRECISIONS = ("fp32", "bf16")
 # RoBERTa-base, for --vocab auto: the LM head's share of the FLOPs is kept at base's.
 ROBERTA_BASE = dict(num_layers=12, d=768, vocab=50265, seq_len=512)
 
@@ -78,6 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--ltd-start", type=int, default=None, help="random-ltd kept length (its schedule's start; default 64, quick 16)")
     p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
                    help="layer spec of our models (the baseline always uses bert_layer_local_spec)")
+    p.add_argument("--precisions", default="fp32",
+                   help="comma-separated subset of fp32,bf16: every method in each, interleaved in the same rounds")
+    p.add_argument("--bf16", action="store_true", help="the same as --precisions bf16")
+    p.add_argument("--peak-shape", default="4096,2048,2048",
+                   help="M,K,N of the timed matrix product that measures the machine's peak FLOP/s")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "data", "bench"))
     p.add_argument("--results-dir", default=os.path.join(REPO_ROOT, "bench", "results"))
@@ -96,6 +112,21 @@ def parse_args(argv=None):
     if BASELINE not in methods:
         methods.append(BASELINE)
     a.methods = [m for m in ALL_METHODS if m in methods]
+    precs = ["bf16"] if a.bf16 else [x.strip() for x in a.precisions.split(",") if x.strip()]
+    bad = [x for x in precs if x not in PRECISIONS]
+    if bad or not precs:
+        p.error(f"--precisions: unknown {bad}; choose from {','.join(PRECISIONS)}")
+    a.precisions = [x for x in PRECISIONS if x in precs]
+    if "bf16" in a.precisions and not torch.cuda.is_available():
+        from megatron_effmlm.compat.cpu import cpu_bf16_error
+
+        if (why := cpu_bf16_error()) is not None:
+            p.error(why)
+    try:
+        a.peak_shape = tuple(int(x) for x in a.peak_shape.split(","))
+        assert len(a.peak_shape) == 3 and min(a.peak_shape) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--peak-shape {a.peak_shape!r}: give three positive integers M,K,N")
     return a
 
 
@@ -226,8 +257,10 @@ def build_data(a, log):
 class Runner:
     """One method: its model (DDP-wrapped), optimizer, policy, batches and step index."""
 
-    def __init__(self, name, model, optimizer, batches, policy=None, step_index=None):
+    def __init__(self, name, model, optimizer, batches, policy=None, step_index=None, precision="fp32"):
         self.name, self.model, self.optimizer, self.batches, self.policy = name, model, optimizer, batches, policy
+        self.precision = precision
+        self.label = name if precision == "fp32" else f"{name} ({precision})"
         self.step_index = step_index  # fixed step number handed to the policy, or None: the running count
         self.calls = 0
         self.times = []
@@ -296,14 +329,16 @@ def build_runners(a, tok, batches, log):
     from megatron.core.models.bert.bert_model import BertModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
     from megatron_effmlm.model.builder import build_model
     from megatron_effmlm.parallel.init import set_seed
     from megatron_effmlm.plans import get_policy
 
-    par, prec = ParallelConfig(), PrecisionConfig()
     runners = []
-    for name in a.methods:
+    for precision, name in [(pr, m) for pr in a.precisions for m in a.methods]:
+        bf16 = precision == "bf16"
+        par, prec = ParallelConfig(), PrecisionConfig(bf16=bf16)
         set_seed(a.seed)  # the same initial weights for every model (where the shapes agree)
         decoder = a.decoder_layers if name == "3ml" else 0
         mcfg = ModelConfig(
@@ -321,6 +356,8 @@ def build_runners(a, tok, batches, log):
             )
             if torch.cuda.is_available():
                 bert.cuda()
+            if bf16:
+                bert.to(torch.bfloat16)
             for p in bert.parameters():
                 if not hasattr(p, "tensor_model_parallel"):
                     p.tensor_model_parallel = False
@@ -333,9 +370,10 @@ def build_runners(a, tok, batches, log):
             model = build_model(mcfg, par, tconfig)[0]
         optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
-                            params_dtype=torch.float32),
+                            bf16=bf16, params_dtype=prec.params_dtype),
             [model],
         )
+        fuse_torch_adamw(optimizer)  # as the trainer: torch's fused AdamW where megatron-core fell back to torch's
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.grad_scale_func = optimizer.scale_loss
         tconfig.no_sync_func = model.no_sync
@@ -359,9 +397,9 @@ def build_runners(a, tok, batches, log):
         data = batches["3ml" if name == "3ml" else "vanilla"]
         if torch.cuda.is_available():
             data = [{k: v.cuda() for k, v in b.items()} for b in data]
-        runners.append(Runner(name, model, optimizer, data, policy, step_index))
+        runners.append(Runner(name, model, optimizer, data, policy, step_index, precision))
         nparams = sum(p.numel() for p in model.parameters())
-        log(f"built {name:17s} {nparams / 1e6:7.2f}M parameters")
+        log(f"built {runners[-1].label:24s} {nparams / 1e6:7.2f}M parameters")
     return runners
 
 
@@ -408,6 +446,28 @@ def cuda_peak_bytes(runner):
     return torch.cuda.max_memory_allocated() - before
 
 
+# ----------------------------------------------------------------------------- peak
+
+def measured_peak_flops(shape, precision, reps=5, warmup=2):
+    """This machine's dense peak in FLOP/s: the best of `reps` timed [M,K] x [K,N] products in
+    the given precision (the same torch threads and kernels the models use)."""
+    M, K, N = shape
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dev, dtype)
+    w = torch.randn(K, N, generator=g).to(dev, dtype)
+    best = float("inf")
+    for i in range(warmup + reps):
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(x, w)
+        sync()
+        if i >= warmup:
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * M * K * N / best
+
+
 # ----------------------------------------------------------------------------- predictions
 
 def predicted_flops(a, name):
@@ -441,10 +501,11 @@ def write_outputs(a, res, log):
     stem, plt = write_tables(a.results_dir, f"step_time_{a.tag}", res, markdown_table(res))
 
     rows = res["methods"]
-    names = [r["method"] for r in rows]
+    names = [r["method"] if r["precision"] == "fp32" else f"{r['method']} ({r['precision']})" for r in rows]
     have_time = any(r.get("ratio_to_baseline") is not None for r in rows)
     have_mem = any(r.get("saved_bytes") is not None for r in rows)
-    panels = [p for p, ok in (("time", have_time), ("mem", have_mem)) if ok]
+    have_mfu = any(r.get("mfu_of_measured_peak") is not None for r in rows)
+    panels = [p for p, ok in (("time", have_time), ("mfu", have_mfu), ("mem", have_mem)) if ok]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), squeeze=False)
     x = list(range(len(names)))
     w = 0.38
@@ -458,10 +519,17 @@ def write_outputs(a, res, log):
                 t = TARGETS.get(r["method"])
                 if t:
                     ax.hlines(t, i - 0.45, i + 0.45, colors="#c0392b", linestyles="--", lw=1.2,
-                              label="target" if r["method"] == "vanilla" else None)
+                              label="target" if i == 0 else None)
             ax.bar_label(b1, fmt="%.2f", fontsize=7)
             ax.set_ylabel(f"step time / {BASELINE}")
-            ax.set_title("step time (fwd + bwd + optimizer), ratio to BertModel")
+            ax.set_title("step time (fwd + bwd + optimizer), ratio to BertModel of the same precision")
+        elif panel == "mfu":
+            mfu = [100 * (r.get("mfu_of_measured_peak") or 0) for r in rows]
+            b1 = ax.bar(x, mfu, 2 * w, color=["#3b75af" if r["precision"] == "fp32" else "#e08a2c" for r in rows])
+            ax.bar_label(b1, fmt="%.0f", fontsize=7)
+            ax.axhline(100 * MFU_MIN, color="#c0392b", ls="--", lw=1.2, label=f"target (vanilla) {MFU_MIN:.0%}")
+            ax.set_ylabel("model FLOP/s, % of the measured matmul peak")
+            ax.set_title("CPU MFU (peak: timed matrix product, same precision, same run)")
         else:
             base = [r.get("saved_ratio_to_baseline") or 0 for r in rows]
             van = [r.get("saved_ratio_to_vanilla") or 0 for r in rows]
@@ -471,13 +539,14 @@ def write_outputs(a, res, log):
             ax.bar_label(b2, fmt="%.2f", fontsize=7)
             ax.set_ylabel("saved-for-backward bytes ratio")
             ax.set_title(f"activation memory (saved tensors), T = {a.seq_length}")
-        ax.axhline(1.0, color="black", lw=0.6)
+        if panel != "mfu":
+            ax.axhline(1.0, color="black", lw=0.6)
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.legend(fontsize=7)
     c = res["config"]
     fig.suptitle(f"{res['device']}  |  L={c['num_layers']} d={c['hidden_size']} T={c['seq_length']} "
-                 f"b={c['micro_batch_size']} V={c['model_vocab_padded']} fp32  |  {res['date']}", fontsize=8)
+                 f"b={c['micro_batch_size']} V={c['model_vocab_padded']} {'/'.join(res['precisions'])}  |  {res['date']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + ".png.tmp.png", dpi=120)
     os.replace(stem + ".png.tmp.png", stem + ".png")
@@ -495,27 +564,44 @@ def yes_no(v):
 
 def markdown_table(res):
     c = res["config"]
+    peaks = res.get("peak_flops") or {}
     lines = [
         f"Device: {res['device']}; date: {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
         f"Config: L={c['num_layers']}, d={c['hidden_size']}, heads={c['num_attention_heads']}, T={c['seq_length']}, "
         f"micro-batch {c['micro_batch_size']}, model vocab {c['model_vocab_padded']} (tokenizer {c['tokenizer_vocab']}), "
-        f"dropout {c['dropout']}, fp32, optimizer {c['optimizer']}; {c['warmup']} warm-up + {c['steps']} timed rounds "
-        f"over {c['num_batches']} real batches; random-ltd at {c['ltd_len']} kept tokens; 3ml decoder {c['decoder_layers']}.",
+        f"dropout {c['dropout']}, {', '.join(res['precisions'])}, optimizer {c['optimizer']}; {c['warmup']} warm-up + "
+        f"{c['steps']} timed rounds over {c['num_batches']} real batches; random-ltd at {c['ltd_len']} kept tokens; "
+        f"3ml decoder {c['decoder_layers']}.",
+    ]
+    if peaks:
+        shape = "x".join(str(x) for x in res["peak_shape"])
+        lines.append("Measured peak (best of 5 timed " + shape + " matrix products, same run): " +
+                     ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()) +
+                     ". CPU MFU = the FLOP model's FLOPs of a step / its median time / that peak.")
+    lines += [
         "",
-        "| method | median step (s) | of which optimizer (s) | / megatron-bert | (minima) | FLOP-predicted | measured / predicted | target | target held | within 8% of FLOP model | saved activations (MiB) | mem / vanilla | mem / megatron-bert | CUDA peak (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|---:|---:|",
+        "| method | precision | median step (s) | of which optimizer (s) | / megatron-bert | (minima) | FLOP-predicted "
+        "| measured / predicted | / vanilla | FLOP model / vanilla | measured / predicted (vs vanilla) "
+        "| model GFLOP/s | MFU of measured peak | / fp32 | target | target held | saved activations (MiB) "
+        "| mem / vanilla | mem / megatron-bert | CUDA peak (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
     ]
     for r in res["methods"]:
         mib = None if r.get("saved_bytes") is None else r["saved_bytes"] / 2**20
         cuda = None if r.get("cuda_peak_bytes") is None else r["cuda_peak_bytes"] / 2**20
+        gf = None if r.get("model_flops_per_s") is None else r["model_flops_per_s"] / 1e9
+        mfu = None if r.get("mfu_of_measured_peak") is None else 100 * r["mfu_of_measured_peak"]
         lines.append(
-            f"| {r['method']} | {fmt(r.get('median_s'), '.3f')} | {fmt(r.get('median_optimizer_s'), '.3f')} "
-            f"| {fmt(r.get('ratio_to_baseline'), '.3f')} "
-            f"| {fmt(r.get('ratio_of_minima'), '.3f')} "
+            f"| {r['method']} | {r['precision']} | {fmt(r.get('median_s'), '.3f')} | {fmt(r.get('median_optimizer_s'), '.3f')} "
+            f"| {fmt(r.get('ratio_to_baseline'), '.3f')} | {fmt(r.get('ratio_of_minima'), '.3f')} "
             f"| {fmt(r.get('predicted_ratio'), '.3f')} | {fmt(r.get('measured_over_predicted'), '.3f')} "
-            f"| {fmt(r.get('target'), '.2f')} | {yes_no(r.get('target_held'))} | {yes_no(r.get('within_flop_tolerance'))} "
+            f"| {fmt(r.get('ratio_to_vanilla'), '.3f')} | {fmt(r.get('predicted_ratio_to_vanilla'), '.3f')} "
+            f"| {fmt(r.get('over_predicted_vs_vanilla'), '.3f')} | {fmt(gf, '.1f')} | {fmt(mfu, '.1f')}% "
+            f"| {fmt(r.get('over_fp32'), '.3f')} | {fmt(r.get('target'), '.2f')} | {yes_no(r.get('target_held'))} "
             f"| {fmt(mib, '.1f')} | {fmt(r.get('saved_ratio_to_vanilla'), '.3f')} "
             f"| {fmt(r.get('saved_ratio_to_baseline'), '.3f')} | {fmt(cuda, '.1f')} |")
+    if res.get("verdicts"):
+        lines += ["", "Verdicts:", ""] + [f"- {v}" for v in res["verdicts"]]
     return "\n".join(lines) + "\n"
 
 
@@ -552,6 +638,94 @@ def write_tables(results_dir: str, name: str, res: dict, md: str):
     return stem, plt
 
 
+def summarize(a, runners, mem, peaks):
+    """One row per (precision, method): times, ratios to megatron-bert and to our vanilla of the
+    same precision, the FLOP model's ratios, model FLOP/s against the measured peak, memory."""
+    rows = []
+    for prec in a.precisions:
+        group = [r for r in runners if r.precision == prec]
+        by_name = {r.name: r for r in group}
+        base_r, van_r = by_name[BASELINE], by_name.get("vanilla")
+        base_med = statistics.median(base_r.times) if base_r.times else None
+        base_min = min(base_r.times) if base_r.times else None
+        van_med = statistics.median(van_r.times) if van_r is not None and van_r.times else None
+        base_pred = predicted_flops(a, BASELINE)
+        van_pred = predicted_flops(a, "vanilla")
+        base_counted = baseline_counted_flops(base_r.batches, a)
+        van_saved = mem.get(("vanilla", prec), (None,))[0]
+        base_saved = mem.get((BASELINE, prec), (None,))[0]
+        for r in group:
+            flops = predicted_flops(a, r.name)
+            pred = flops / base_pred
+            row = {"method": r.name, "precision": prec, "predicted_ratio": pred, "predicted_step_flops_per_seq": flops,
+                   "predicted_ratio_to_vanilla": flops / van_pred}
+            if r.forward_flops:
+                row["engine_counted_ratio"] = statistics.median(r.forward_flops) / base_counted
+            if r.times:
+                med = statistics.median(r.times)
+                ratio = med / base_med
+                row.update(median_s=med, min_s=min(r.times), median_optimizer_s=statistics.median(r.opt_times),
+                           times_s=r.times, ratio_to_baseline=ratio, ratio_of_minima=min(r.times) / base_min,
+                           # per round: this method's time over the baseline's in the same round
+                           paired_ratio_median=statistics.median(t / tb for t, tb in zip(r.times, base_r.times)),
+                           measured_over_predicted=ratio / pred,
+                           within_flop_tolerance=abs(ratio / pred - 1) <= FLOP_TOLERANCE,
+                           last_loss=r.last_loss)
+                # model FLOP/s: the FLOP model's FLOPs of the step (b sequences) over its median time
+                row["model_flops_per_s"] = flops * a.micro_batch_size / med
+                if prec in peaks:
+                    row["mfu_of_measured_peak"] = row["model_flops_per_s"] / peaks[prec]
+                if van_med:
+                    rv = med / van_med
+                    row.update(ratio_to_vanilla=rv, over_predicted_vs_vanilla=rv / row["predicted_ratio_to_vanilla"],
+                               within_vanilla_tolerance=abs(rv / row["predicted_ratio_to_vanilla"] - 1) <= VANILLA_TOLERANCE)
+                if r.name in TARGETS:
+                    row.update(target=TARGETS[r.name], target_held=ratio <= TARGETS[r.name])
+                if prec != "fp32" and "fp32" in a.precisions:
+                    fp32_r = next(x for x in runners if x.precision == "fp32" and x.name == r.name)
+                    if fp32_r.times:
+                        row["over_fp32"] = med / statistics.median(fp32_r.times)
+            if (r.name, prec) in mem:
+                saved, cuda = mem[(r.name, prec)]
+                row.update(saved_bytes=saved, cuda_peak_bytes=cuda,
+                           saved_ratio_to_vanilla=saved / van_saved if van_saved else None,
+                           saved_ratio_to_baseline=saved / base_saved if base_saved else None)
+            rows.append(row)
+    return rows
+
+
+def verdicts(res):
+    """The targets' verdicts, one line each, from the measured rows."""
+    out = []
+    rows = [r for r in res["methods"] if r.get("median_s") is not None]
+    for r in rows:
+        if "target" in r:
+            out.append(f"target {r['method']} ({r['precision']}) <= {r['target']:.2f} x megatron-bert: "
+                       f"{'held' if r['target_held'] else 'NOT held'} ({r['ratio_to_baseline']:.3f})")
+    for prec in res["precisions"]:
+        group = [r for r in rows if r["precision"] == prec]
+        bad = [r["method"] for r in group if r.get("within_flop_tolerance") is False]
+        out.append(f"{prec}: within {FLOP_TOLERANCE:.0%} of the FLOP model (ratio to megatron-bert): "
+                   f"{'all' if not bad else 'all but ' + ', '.join(bad)}")
+        for r in group:
+            if r["method"] in ("vanilla", BASELINE) or r.get("ratio_to_vanilla") is None:
+                continue
+            held = r["within_vanilla_tolerance"]
+            out.append(f"{prec}: {r['method']} / vanilla {r['ratio_to_vanilla']:.3f} against the FLOP model's "
+                       f"{r['predicted_ratio_to_vanilla']:.3f} ({r['over_predicted_vs_vanilla']:.3f} x): "
+                       f"{'within' if held else 'NOT within'} {VANILLA_TOLERANCE:.0%}")
+        van = next((r for r in group if r["method"] == "vanilla"), None)
+        if van is not None and van.get("mfu_of_measured_peak") is not None:
+            m = van["mfu_of_measured_peak"]
+            out.append(f"{prec}: vanilla model FLOP/s {van['model_flops_per_s'] / 1e9:.1f} G = {m:.1%} of the measured "
+                       f"peak {res['peak_flops'][prec] / 1e9:.1f} G: target >= {MFU_MIN:.0%} {'held' if m >= MFU_MIN else 'NOT held'}")
+        if van is not None and van.get("over_fp32") is not None:
+            o = van["over_fp32"]
+            out.append(f"{prec}: vanilla step time {o:.3f} x fp32's: target <= {BF16_OVER_FP32_MAX} "
+                       f"{'held' if o <= BF16_OVER_FP32_MAX else 'NOT held'}")
+    return out
+
+
 def main(argv=None):
     a = parse_args(argv)
     log = bench_logger()
@@ -566,7 +740,7 @@ def main(argv=None):
     a.model_vocab = max(a.model_vocab, tok.vocab_size)
     a.model_vocab_padded = ((a.model_vocab + 127) // 128) * 128
     a.ltd_len = ltd_length(0, a.seq_length, a.ltd_start, 1000, 16)
-    a.tag = a.tag or device_tag()
+    a.tag = a.tag or device_tag() + ("" if a.precisions == ["fp32"] else "_" + "-".join(a.precisions))
     real = float(torch.stack([b["padding_mask"].float().mean() for b in batches["vanilla"]]).mean())
     masked = {k: float(sum(int(b["loss_mask"].sum()) for b in v) / sum(int(b["padding_mask"].sum()) for b in v))
               for k, v in batches.items()}
@@ -587,7 +761,7 @@ def main(argv=None):
                 if rnd >= a.warmup:
                     r.times.append(dt)
                     r.opt_times.append(r.last_opt)
-                line.append(f"{r.name} {dt:.2f}")
+                line.append(f"{r.label} {dt:.2f}")
             load = os.getloadavg()[0]
             if rnd >= a.warmup:
                 loads.append(load)
@@ -600,44 +774,16 @@ def main(argv=None):
     mem = {}
     if a.mode in ("all", "memory"):
         for r in runners:
-            mem[r.name] = (saved_activation_bytes(r), cuda_peak_bytes(r))
-            log(f"memory {r.name:17s} saved-for-backward {mem[r.name][0] / 2**20:8.1f} MiB")
+            mem[(r.name, r.precision)] = (saved_activation_bytes(r), cuda_peak_bytes(r))
+            log(f"memory {r.label:24s} saved-for-backward {mem[(r.name, r.precision)][0] / 2**20:8.1f} MiB")
 
-    by_name = {r.name: r for r in runners}
-    base_r = by_name[BASELINE]
-    base_med = statistics.median(base_r.times) if base_r.times else None
-    base_min = min(base_r.times) if base_r.times else None
-    base_pred = predicted_flops(a, BASELINE)
-    base_counted = baseline_counted_flops(base_r.batches, a)
-    van_saved = mem.get("vanilla", (None,))[0]
-    base_saved = mem.get(BASELINE, (None,))[0]
-    rows = []
-    for r in runners:
-        row = {"method": r.name}
-        pred = predicted_flops(a, r.name) / base_pred
-        row["predicted_ratio"] = pred
-        row["predicted_step_flops_per_seq"] = predicted_flops(a, r.name)
-        if r.forward_flops:
-            row["engine_counted_ratio"] = statistics.median(r.forward_flops) / base_counted
-        if r.times:
-            med = statistics.median(r.times)
-            ratio = med / base_med
-            row.update(median_s=med, min_s=min(r.times), median_optimizer_s=statistics.median(r.opt_times), times_s=r.times, ratio_to_baseline=ratio,
-                       ratio_of_minima=min(r.times) / base_min,
-                       # per round: this method's time over the baseline's in the same round
-                       paired_ratio_median=statistics.median(t / tb for t, tb in zip(r.times, base_r.times)),
-                       measured_over_predicted=ratio / pred,
-                       within_flop_tolerance=abs(ratio / pred - 1) <= FLOP_TOLERANCE,
-                       last_loss=r.last_loss)
-            if r.name in TARGETS:
-                row.update(target=TARGETS[r.name], target_held=ratio <= TARGETS[r.name])
-        if r.name in mem:
-            saved, cuda = mem[r.name]
-            row.update(saved_bytes=saved, cuda_peak_bytes=cuda,
-                       saved_ratio_to_vanilla=saved / van_saved if van_saved else None,
-                       saved_ratio_to_baseline=saved / base_saved if base_saved else None)
-        rows.append(row)
-
+    peaks = {}
+    if a.mode in ("all", "time"):
+        for prec in a.precisions:
+            peaks[prec] = measured_peak_flops(a.peak_shape, prec)
+            log(f"measured peak ({prec}, {'x'.join(map(str, a.peak_shape))} matrix product): "
+                f"{peaks[prec] / 1e9:.1f} GFLOP/s")
+    rows = summarize(a, runners, mem, peaks)
     try:
         date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -658,21 +804,21 @@ def main(argv=None):
                        optimizer="megatron-core get_megatron_optimizer(adam) -> "
                                  + type(runners[0].optimizer.optimizer).__name__,
                        real_token_fraction=real, predicted_fraction=masked),
-        "targets": {"step_time_ratio_max": TARGETS, "flop_tolerance": FLOP_TOLERANCE},
+        "targets": {"step_time_ratio_max": TARGETS, "flop_tolerance": FLOP_TOLERANCE,
+                    "vanilla_relative_tolerance": VANILLA_TOLERANCE, "bf16_over_fp32_max": BF16_OVER_FP32_MAX,
+                    "vanilla_mfu_min": MFU_MIN},
+        "precisions": a.precisions,
+        "peak_flops": peaks, "peak_shape": list(a.peak_shape),
         "load_average_1min_timed_rounds": loads,
         "methods": rows,
         "wall_s": time.perf_counter() - start,
     }
+    res["verdicts"] = verdicts(res)
     print()
     print(markdown_table(res))
     if a.mode in ("all", "time"):
-        for r in rows:
-            if "target" in r:
-                print(f"target {r['method']:10s} <= {r['target']:.2f} x baseline: "
-                      f"{'held' if r['target_held'] else 'NOT held'} ({r['ratio_to_baseline']:.3f})")
-        bad = [r["method"] for r in rows if r.get("within_flop_tolerance") is False]
-        print(f"within {FLOP_TOLERANCE:.0%} of the FLOP model: "
-              f"{'all' if not bad else 'all but ' + ', '.join(bad)}")
+        for line in verdicts(res):
+            print(line)
     paths = write_outputs(a, res, log)
     print("results:\n  " + "\n  ".join(os.path.relpath(p, os.getcwd()) for p in paths))
     log("done")

@@ -145,7 +145,9 @@ def select_backends(transformer_impl: str = "auto", attention_backend: str = "au
     elif apex["fused_adam"][0]:
         opt = "apex FusedAdam"
     else:
-        opt = "torch AdamW (fused)" if torch.cuda.is_available() else "torch AdamW (CPU)"
+        from megatron_effmlm.compat.gpu_fallbacks import fused_adamw_supported
+
+        opt = "torch AdamW (fused)" if fused_adamw_supported() else "torch AdamW"
     reasons["optimizer"] = opt
     return Backends(transformer_impl, attention, fused_ln, grad_accum, jit, opt, reasons)
 
