@@ -49,7 +49,11 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
         logger.info("kernels: %s", backends.summary())
+    from megatron_effmlm.model.dropout import replace_dropout_modules, use_dropout15
+
     for c in chunks:
+        if use_dropout15():  # CPU: attention and embedding dropout with integer masks (model/dropout.py)
+            replace_dropout_modules(c)
         # Modules built outside megatron-core's layers (torch LayerNorm, the LM head's dense,
         # e_mask) start on the CPU in fp32: move all to the GPU and to the model precision, as
         # Megatron-LM's Float16Module does (the loss itself is computed in fp32).

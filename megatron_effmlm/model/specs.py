@@ -81,6 +81,10 @@ def _local_block_spec(num_layers: int, attention: str = "local"):
         attn = ModuleSpec(module=attn.module, params=attn.params,
                           submodules=dataclasses.replace(attn.submodules, core_attention=_sdpa_attention_class()))
         sub = dataclasses.replace(sub, self_attention=attn)
+    from megatron_effmlm.model import dropout
+
+    if dropout.use_dropout15():  # CPU: integer-mask dropout (model/dropout.py)
+        sub = dataclasses.replace(sub, self_attn_bda=dropout.get_bias_dropout_add, mlp_bda=dropout.get_bias_dropout_add)
     layer = ModuleSpec(module=layer.module, params=layer.params, submodules=sub)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
@@ -105,6 +109,10 @@ def with_cross_attention(block_spec, transformer_impl: str, attention: str = "lo
         core = _sdpa_attention_class() if attention == "sdpa" else DotProductAttention
         q, kv, proj = ColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
         norm = block_spec.layer_norm
+    from megatron_effmlm.model import dropout
+
+    bda = dropout.get_bias_dropout_add if transformer_impl != "transformer_engine" and dropout.use_dropout15() \
+        else get_bias_dropout_add
     layers = []
     for layer in block_spec.layer_specs:
         layers.append(ModuleSpec(
@@ -118,7 +126,7 @@ def with_cross_attention(block_spec, transformer_impl: str, attention: str = "lo
                     params={"attn_mask_type": AttnMaskType.padding},
                     submodules=CrossAttentionSubmodules(linear_q=q, linear_kv=kv, core_attention=core, linear_proj=proj),
                 ),
-                cross_attn_bda=get_bias_dropout_add,
+                cross_attn_bda=bda,
             ),
         ))
     return dataclasses.replace(block_spec, layer_specs=layers)
