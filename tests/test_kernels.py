@@ -229,3 +229,26 @@ def test_fused_torch_adamw_makes_the_same_update(mcore_single, demo_batch, demo_
     assert all(not torch.equal(p, q) for p, q in zip(main[1], before) if p.numel() > 1)  # it moved
     for a, b in zip(*main):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "3ml-cross"])
+def test_out_of_place_attention_mask_changes_nothing(mcore_single, demo_batch, demo_tokenizer, method):
+    """Every core attention of a built model masks out of place (model/specs.py); the loss and
+    every gradient equal those with megatron-core's in-place attention_mask_func, bit for bit."""
+    from megatron.core.transformer.utils import attention_mask_func
+
+    from megatron_effmlm.model.specs import out_of_place_attention_mask
+    from precision_helpers import batch_for, loss_and_grads, tiny_model
+
+    model = tiny_model(demo_tokenizer.vocab_size, method=method)
+    cores = [m.scale_mask_softmax for m in model.modules() if hasattr(m, "scale_mask_softmax")]
+    assert len(cores) == (4 + 2 * 2 if method == "3ml-cross" else 4)  # decoder layers: self + cross
+    assert all(c.mask_func is out_of_place_attention_mask for c in cores)
+    batch = batch_for(demo_batch, demo_tokenizer, method)
+    ours = loss_and_grads(model, method, demo_tokenizer, batch)
+    for c in cores:
+        c.mask_func = attention_mask_func
+    theirs = loss_and_grads(model, method, demo_tokenizer, batch)
+    assert ours[0] == theirs[0]
+    for k in ours[1]:
+        assert torch.equal(ours[1][k], theirs[1][k]), k

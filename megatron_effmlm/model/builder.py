@@ -11,7 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_effmlm.config import ModelConfig, ParallelConfig
 from megatron_effmlm.model.mlm_model import MLMModel
-from megatron_effmlm.model.specs import get_layer_spec, with_cross_attention
+from megatron_effmlm.model.specs import get_layer_spec, use_out_of_place_attention_mask, with_cross_attention
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
     from megatron_effmlm.model.dropout import replace_dropout_modules, use_dropout15
 
     for c in chunks:
+        use_out_of_place_attention_mask(c)
         if use_dropout15():  # CPU: attention and embedding dropout with integer masks (model/dropout.py)
             replace_dropout_modules(c)
         # Modules built outside megatron-core's layers (torch LayerNorm, the LM head's dense,

@@ -30,6 +30,25 @@ class TorchLayerNorm(torch.nn.LayerNorm):
             setattr(p, "sequence_parallel", config.sequence_parallel)
 
 
+def out_of_place_attention_mask(attention_scores, attention_mask):
+    """megatron-core's `attention_mask_func` without the in-place `masked_fill_`: the scores are a
+    view of the baddbmm output, so the in-place fill made autograd's backward copy and re-stride
+    the whole [b, np, sq, sk] gradient (CopySlices): an fp32 BERT step at T = 512 on 2 CPU cores
+    took 0.98 s with it and 0.81 s without. Same values."""
+    return attention_scores.masked_fill(attention_mask, -10000.0)
+
+
+def use_out_of_place_attention_mask(module: torch.nn.Module) -> int:
+    """Set `out_of_place_attention_mask` on every megatron-core core attention under `module`."""
+    n = 0
+    for m in module.modules():
+        softmax = getattr(m, "scale_mask_softmax", None)
+        if softmax is not None and hasattr(softmax, "mask_func"):
+            softmax.mask_func = out_of_place_attention_mask
+            n += 1
+    return n
+
+
 def _sdpa_attention_class():
     from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
