@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
                    help="unfused bias + GELU (the fusion is torch.compile'd: it recompiles for dynamic shapes)")
     g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="bf16/fp16: attention mask and softmax in fp32 (Megatron-LM's flag; off: 16-bit, "
+                        "torch's softmax kernels accumulate in fp32)")
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
                    help="layer spec: Transformer Engine where TE and a GPU exist (auto), else megatron-core's local")
@@ -260,6 +263,7 @@ def config_from_args(a) -> RunConfig:
         attention_backend=a.attention_backend,
         bias_gelu_fusion=a.bias_gelu_fusion,
         bias_dropout_fusion=a.bias_dropout_fusion,
+        attention_softmax_in_fp32=a.attention_softmax_in_fp32,
         decoder_layers=method_options.get("decoder_layers", 0),
         decoder_type=method_options.get("decoder_type", "self"),
         model_arch=a.model_arch,
