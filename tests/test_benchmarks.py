@@ -40,3 +40,31 @@ def test_preprocess_benchmark_quick_mode(repo_root, tmp_path, demo_tokenizer_dir
         assert x["identical_output"] and x["documents"] == 106 and x["mb_per_s"] > 0 and x["tokens"] > 0
     assert "outputs identical across worker counts: yes" in r.stdout
     assert (tmp_path / "preprocess_quick.png").stat().st_size > 0
+
+
+def test_step_time_quick_mode_both_precisions(repo_root, tmp_path, demo_tokenizer_dir, test_cache_dir):
+    """fp32 and bf16 side by side: every method in each, ratios to megatron-bert and to vanilla of the
+    same precision, the model FLOP/s against the peak measured in the same run, the verdict lines."""
+    from megatron_effmlm.compat.cpu import cpu_bf16_error
+
+    precs = ["fp32"] if cpu_bf16_error() else ["fp32", "bf16"]
+    r = _run(repo_root, ["bench/step_time.py", "--quick", "--precisions", ",".join(precs), "--results-dir",
+                         str(tmp_path), "--tag", "quick", "--steps", "2", "--warmup", "1", *_cached(test_cache_dir)])
+    res = json.load(open(tmp_path / "step_time_quick.json"))
+    assert res["precisions"] == precs and set(res["peak_flops"]) == set(precs)
+    rows = {(x["method"], x["precision"]): x for x in res["methods"]}
+    methods = ["vanilla", "3ml", "token-drop", "sctd", "sctd-consistency", "random-ltd", "megatron-bert"]
+    assert set(rows) == {(m, p) for m in methods for p in precs}
+    for (m, p), x in rows.items():
+        assert x["median_s"] > 0 and x["last_loss"] == x["last_loss"]
+        assert x["ratio_to_baseline"] == x["median_s"] / rows[("megatron-bert", p)]["median_s"]
+        assert x["ratio_to_vanilla"] == x["median_s"] / rows[("vanilla", p)]["median_s"]
+        assert 0 < x["mfu_of_measured_peak"] == x["model_flops_per_s"] / res["peak_flops"][p] < 1
+        assert x["model_flops_per_s"] == x["predicted_step_flops_per_seq"] * res["config"]["micro_batch_size"] / x["median_s"]
+    if "bf16" in precs:
+        v = rows[("vanilla", "bf16")]
+        assert v["over_fp32"] == v["median_s"] / rows[("vanilla", "fp32")]["median_s"]
+        assert any(line.startswith("bf16: vanilla step time") for line in res["verdicts"])
+    assert any("of the measured peak" in line for line in res["verdicts"])
+    assert "Verdicts:" in open(tmp_path / "step_time_quick.md").read()
+    assert (tmp_path / "step_time_quick.png").stat().st_size > 0
