@@ -64,14 +64,19 @@ def test_bf16_trainer_tracks_fp32(trainer_runs, method):
 
 LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "dp2_distopt": ["--use-distributed-optimizer"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
 }
 
 
-@pytest.mark.parametrize("method", ["vanilla", "3ml", "token-drop"])
+@pytest.mark.parametrize("method", list(TRAINER_METHODS))
 def test_bf16_layouts_equal_one_process(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir, method):
-    """TP=2 and PP=2 in bf16 start from one bf16 checkpoint and follow the one-process bf16 run
-    (not bit-equal: TP splits the bf16 GEMMs' reductions, so rounding differs)."""
+    """TP=2, TP=2 + SP, DP=2 with the distributed optimizer and PP=2 in bf16 start from one bf16
+    checkpoint and follow the one-process bf16 run (not bit-equal: TP splits the bf16 GEMMs'
+    reductions and DP the gradient sums, so rounding differs). PP=2 also checks that a
+    weights-only load refreshes the fp32 main parameters (its second stage's initial weights
+    differ from the checkpoint's)."""
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
         "--num-layers": 4}) + TRAINER_METHODS[method] + ["--bf16"]
     init = str(tmp_path / "init")
