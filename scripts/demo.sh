@@ -13,7 +13,7 @@ ITERS=${ITERS:-150}
 COMPARE_STEPS=${COMPARE_STEPS:-30}
 FT_EXAMPLES=${FT_EXAMPLES:-2000}
 # bf16 where the CPU has bf16 instructions (avx512_bf16 / amx_bf16) or on a GPU: 1.8x the tokens/s of
-# fp32 for this model on 2 EPYC cores; PRECISION=fp32 forces fp32.
+# fp32 for this model on 2 CPU cores (bench: README "Speed on CPU"); PRECISION=fp32 forces fp32.
 PRECISION=${PRECISION:-$($PY -c "import torch; from megatron_effmlm.compat.cpu import cpu_bf16_error as e; print('bf16' if torch.cuda.is_available() or not e() else 'fp32')" 2>/dev/null || echo fp32)}
 PREC_FLAG=$([ "$PRECISION" = bf16 ] && echo --bf16 || true)
 

@@ -150,7 +150,7 @@ def select_backends(transformer_impl: str = "auto", attention_backend: str = "au
         opt = "torch AdamW (fused)" if fused_adamw_supported() else "torch AdamW"
     reasons["optimizer"] = opt
     reasons["dropout"] = "torch" if torch.cuda.is_available() else \
-        "15-bit integer masks (CPU: torch's bernoulli_ draws serially, model/dropout.py)"
+        "15-bit integer masks (CPU: torch's bernoulli_ is slow there, model/dropout.py)"
     return Backends(transformer_impl, attention, fused_ln, grad_accum, jit, opt, reasons)
 
 
