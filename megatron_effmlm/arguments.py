@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
     g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
     g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
+    g.add_argument("--sctd-kl-weight", type=float, default=0.05,
+                   help="sctd: weight of each layer's consistency KL (summed over rows), which shares the "
+                        "MLM sums' normaliser, the predicted tokens")
     g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
     g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
     g.add_argument("--ltd-granularity", type=int, default=16)
@@ -233,7 +236,7 @@ def config_from_args(a) -> RunConfig:
         "3ml": dict(decoder_layers=a.decoder_layers, decoder_type=a.mlm3_decoder),
         "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
         "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
-                     sctd_code_compat=a.sctd_code_compat),
+                     sctd_code_compat=a.sctd_code_compat, sctd_kl_weight=a.sctd_kl_weight),
         "random-ltd": dict(ltd_start=a.ltd_start, ltd_steps=a.ltd_steps, ltd_granularity=a.ltd_granularity),
     }.get(a.method, {})
     model = ModelConfig(
