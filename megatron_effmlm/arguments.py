@@ -22,6 +22,9 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
+    # resume: which LR schedule wins when the checkpoint's differs (Megatron-LM's flags; neither: an error)
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -145,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.98)
     g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on --load: the LR schedule of the command line (--lr, --min-lr, warm-up, decay, "
+                        "--train-iters x --global-batch-size), continued from the checkpoint's position")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on --load: the checkpoint's LR schedule, whatever the command line says (neither "
+                        "flag: a schedule that differs from the checkpoint's is an error)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="prefix, or weight prefix weight prefix ...")
@@ -285,7 +296,11 @@ def config_from_args(a) -> RunConfig:
         lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,
         lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
         adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+        override_opt_param_scheduler=a.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler,
     )
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
     data = DataConfig(
         data_path=list(a.data_path), split=a.split, tokenizer_dir=a.tokenizer_dir, mask_prob=a.mask_prob,
         no_mask_80_10_10=not a.mask_80_10_10, whole_word_masking=a.whole_word_masking,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,13 +58,22 @@ def errors(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_di
         "load_other_width": args(**{"--hidden-size": 32, "--load": str(tmp / "ck64"), "--train-iters": 2}),
         "load_other_depth": args(**{"--num-layers": 4, "--load": str(tmp / "ck64"), "--train-iters": 2}),
         "load_other_method": args(**{"--method": "3ml", "--load": str(tmp / "ck64"), "--train-iters": 2}),
+        # the LR schedule on resume: 3 steps saved, then 6 asked for
+        "sched_make": args(**{"--train-iters": 3, "--save": str(tmp / "sched")}),  # not an error
+        "sched_longer": args(**{"--train-iters": 6, "--load": str(tmp / "sched")}),
+        "sched_other_gbs": args(**{"--train-iters": 3, "--global-batch-size": 16, "--load": str(tmp / "sched")}),
+        "sched_keep": args(**{"--train-iters": 5, "--load": str(tmp / "sched"),
+                              "--use-checkpoint-opt_param-scheduler": ""}),
+        "sched_override": args(**{"--train-iters": 6, "--load": str(tmp / "sched"),
+                                  "--override-opt_param-scheduler": ""}),
+        "sched_both": args(**{"--override-opt_param-scheduler": "", "--use-checkpoint-opt_param-scheduler": ""}),
     }
     for case in cases.values():  # a blend is several values of --data-path
         i = case.index("--data-path")
         case[i + 1:i + 2] = case[i + 1].split()
     spec, out = tmp / "cases.json", tmp / "out.json"
     spec.write_text(json.dumps(cases))
-    r = subprocess.run([sys.executable, "tests/cli_error_runner.py", str(spec), str(out)], cwd=REPO_ROOT,
+    r = subprocess.run([sys.executable, "tests/cli_error_runner.py", str(spec), str(out), "--with-stdout"], cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), tmp
@@ -71,7 +81,7 @@ def errors(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_di
 
 def _err(errors, case):
     results, _ = errors
-    code, text = results[case]
+    code, text = results[case][:2]
     assert code == 2, (case, text)
     lines = [l for l in text.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1, text
@@ -175,3 +185,45 @@ def test_load_a_checkpoint_of_another_model(errors):
         f"error: checkpoint {ck} is of another model size: encoder.layers.self_attention.linear_qkv."
         "layer_norm_weight has shape [2, 64] there and [4, 64] here")
     assert _err(errors, "load_other_method").startswith(f"error: checkpoint {ck} is of another model: it has no ")
+
+
+def _lr_after(stdout, iteration):
+    """The LR the progress line of `iteration` reports (the schedule's value after that step)."""
+    found = re.findall(rf"^iter +{iteration}/\d+ \|.* \| lr ([-+.e0-9]+) \|", stdout, re.M)
+    assert len(found) == 1, stdout
+    return float(found[0])
+
+
+def test_resume_with_another_lr_schedule(errors):
+    """Megatron-LM's default: a schedule that differs from the checkpoint's is an error naming both
+    flags; --use-checkpoint-opt_param-scheduler keeps the checkpoint's (and says when it trains at
+    LR 0), --override-opt_param-scheduler follows the command line's from the checkpoint's position."""
+    results, tmp = errors
+    assert results["sched_make"][0] == 0, results["sched_make"][1][-2000:]
+    flags = ("Give --override-opt_param-scheduler to follow the command line's schedule from the checkpoint's "
+             "position, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+    samples = "samples: --lr-decay-iters (default --train-iters) x --global-batch-size"
+    assert _err(errors, "sched_longer") == (
+        f"error: --load {tmp / 'sched'}: the checkpoint's LR schedule differs from the command line's: "
+        f"lr_decay_steps 24 there and 48 here ({samples}). {flags}")
+    assert _err(errors, "sched_other_gbs") == (
+        f"error: --load {tmp / 'sched'}: the checkpoint's LR schedule differs from the command line's: "
+        f"lr_decay_steps 24 there and 48 here ({samples}). {flags}")
+    assert _err(errors, "sched_both") == (
+        "error: --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
+
+    code, err, out = results["sched_keep"]
+    assert code == 0, err[-2000:]
+    warnings = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert warnings == [
+        "warning: iteration 4 trains at learning rate 0 (the LR schedule ended at sample 24 (--lr-decay-iters or "
+        "--train-iters x --global-batch-size), this run is at sample 24, and --min-lr is 0): its update changes "
+        "no weight (said once per run)"], err
+    assert _lr_after(out, 4) == 0.0 and _lr_after(out, 5) == 0.0
+
+    code, err, out = results["sched_override"]
+    assert code == 0, err[-2000:]
+    assert "warning: " not in err
+    # linear decay over 6 x 8 samples from --lr 1e-3, continued from sample 24
+    for it in (4, 5, 6):
+        assert _lr_after(out, it) == pytest.approx(1e-3 * (1 - it * 8 / 48), abs=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from functools import partial
 from typing import Optional
@@ -21,7 +22,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_effmlm.arguments import RunConfig, check_layout
@@ -33,6 +33,7 @@ from megatron_effmlm.parallel.init import comm_device, initialize_distributed
 from megatron_effmlm.parallel.p2p import schedule_kwargs
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
+from megatron_effmlm.training.schedule import ResumableScheduler, zero_lr_warning
 from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
                                                  all_finite)
 
@@ -115,7 +116,7 @@ class Trainer:
             self.model,
         )
         decay_iters = o.lr_decay_iters or t.train_iters
-        self.scheduler = OptimizerParamScheduler(
+        self.scheduler = ResumableScheduler(
             self.optimizer,
             init_lr=0.0 if o.lr_warmup_iters else o.lr,
             max_lr=o.lr,
@@ -127,7 +128,11 @@ class Trainer:
             end_wd=o.weight_decay,
             wd_incr_steps=decay_iters * t.global_batch_size,
             wd_incr_style="constant",
+            override_opt_param_scheduler=o.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
+            source=t.load or "",
         )
+        self._warned_zero_lr = False
         self.tconfig.finalize_model_grads_func = _finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.tconfig.no_sync_func = [m.no_sync for m in self.model]
@@ -270,6 +275,12 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._batch_tokens = 0
+        if not self._warned_zero_lr:  # never train at LR 0 unseen (a schedule that ended, --lr 0)
+            warning = zero_lr_warning(self.optimizer.param_groups[0]["lr"], self.scheduler, self.iteration + 1)
+            if warning:
+                self._warned_zero_lr = True
+                if is_logging_rank():
+                    print(warning, file=sys.stderr, flush=True)
         reports = self._run_schedule(data_iterator, forward_only=False, num_microbatches=self.num_microbatches)
         loss = self._reduce_report(reports)
         # A non-finite loss or gradient on any rank: every rank skips the update (and the
