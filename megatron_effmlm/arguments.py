@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timeout of torch.distributed collectives: a dead or hung rank ends the run")
 
     g = p.add_argument_group("methods")
-    g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
-    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
+    g.add_argument("--decoder-layers", type=int, default=None,
+                   help="3ml: decoder layers after the mask injection (default 2)")
+    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default=None, choices=["self", "cross"],
+                   help="3ml: the decoder's stream (default self)")
     g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
     g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
     g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
@@ -224,6 +226,7 @@ def parse_args(argv=None) -> RunConfig:
 
 
 def config_from_args(a) -> RunConfig:
+    check_values(a)
     if a.bf16 and a.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
     if (a.bf16 or a.fp16) and not __import__("torch").cuda.is_available():
@@ -244,7 +247,8 @@ def config_from_args(a) -> RunConfig:
     if a.mask_80_10_10 is None:
         a.mask_80_10_10 = policy_cls.default_mask_80_10_10
     method_options = {
-        "3ml": dict(decoder_layers=a.decoder_layers, decoder_type=a.mlm3_decoder),
+        "3ml": dict(decoder_layers=2 if a.decoder_layers is None else a.decoder_layers,
+                    decoder_type=a.mlm3_decoder or "self"),
         "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
         "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
                      sctd_code_compat=a.sctd_code_compat, sctd_kl_weight=a.sctd_kl_weight),
@@ -335,6 +339,97 @@ def config_from_args(a) -> RunConfig:
     return RunConfig(model, par, prec, optim, data, train)
 
 
+_POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+             "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "micro_batch_size",
+             "global_batch_size", "log_interval", "eval_iters", "sctd_interval", "ltd_granularity",
+             "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+             "lr_decay_iters", "init_method_std", "layernorm_epsilon", "adam_eps", "train_flops_budget",
+             "peak_tflops", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window")
+_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_interval", "save_interval",
+                 "exit_interval", "ltd_steps", "num_tokentypes", "hysteresis", "sctd_kl_weight", "fp8_margin")
+# (low, high, high included): [low, high) or [low, high]
+_FRACTIONS = {"hidden_dropout": (0.0, 1.0, False), "attention_dropout": (0.0, 1.0, False),
+              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "td_beta": (0.0, 1.0, True)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_values(a) -> None:
+    """Values no run can use: one ConfigError naming the flag, before anything is built."""
+    import math
+
+    for dest in _POSITIVE + _NON_NEGATIVE + tuple(_FRACTIONS) + ("td_keep_ratio", "mask_prob", "rotary_percent"):
+        v = getattr(a, dest, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{_flag(dest)} must be a finite number, got {v}")
+    for dest in _POSITIVE:
+        v = getattr(a, dest, None)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{_flag(dest)} must be > 0, got {v}")
+    for dest in _NON_NEGATIVE:
+        v = getattr(a, dest, None)
+        if v is not None and not v >= 0:
+            raise ConfigError(f"{_flag(dest)} must be >= 0, got {v}")
+    for dest, (low, high, closed) in _FRACTIONS.items():
+        v = getattr(a, dest, None)
+        if v is not None and not (low <= v <= high if closed else low <= v < high):
+            raise ConfigError(f"{_flag(dest)} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
+    if not 0 < a.td_keep_ratio <= 1:
+        raise ConfigError(f"--td-keep-ratio must be in (0, 1], got {a.td_keep_ratio}")
+    if a.mask_prob is not None and not 0 < a.mask_prob < 1:
+        raise ConfigError(f"--mask-prob must be in (0, 1), got {a.mask_prob}")
+    if not 0 < a.rotary_percent <= 1:
+        raise ConfigError(f"--rotary-percent must be in (0, 1], got {a.rotary_percent}")
+    if a.min_lr > a.lr:
+        raise ConfigError(f"--min-lr {a.min_lr} exceeds --lr {a.lr}")
+    if a.method != "3ml":
+        for dest, value in (("decoder_layers", a.decoder_layers), ("3ml_decoder", a.mlm3_decoder)):
+            if value is not None:
+                raise ConfigError(f"{_flag(dest)} is for --method 3ml (the one method with a decoder), "
+                                  f"not --method {a.method}")
+    elif a.decoder_layers is not None and a.decoder_layers < 1:
+        raise ConfigError(f"--decoder-layers must be >= 1 for --method 3ml, got {a.decoder_layers}")
+    if a.method == "random-ltd" and not 1 <= a.ltd_start <= a.seq_length:
+        raise ConfigError(f"--ltd-start {a.ltd_start} must be in [1, --seq-length {a.seq_length}]")
+    check_outputs(a)
+
+
+def check_outputs(a) -> None:
+    """--save, --tensorboard-dir and --loss-curve must be writable now, not at the first save."""
+    for flag, path, is_dir in (("--save", a.save, True), ("--tensorboard-dir", a.tensorboard_dir, True),
+                               ("--loss-curve", a.loss_curve, False)):
+        if path:
+            check_writable(flag, path, is_dir)
+
+
+def check_writable(flag: str, path: str, is_dir: bool) -> None:
+    """A directory (is_dir) or a file that can be created or written at `path`: a probe file is
+    created and removed in the directory that would hold it (root ignores permission bits, and
+    a read-only mount only shows on a write)."""
+    import tempfile
+
+    if os.path.exists(path):
+        if is_dir and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: exists and is not a directory")
+        if not is_dir and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: is a directory (give a file name)")
+    where = path if is_dir and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(where):  # created later: the nearest existing parent must allow it
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ConfigError(f"{flag} {path}: {where} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".effmlm_write_probe", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {where} ({e.strerror or e})") from None
+    if not is_dir and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+
+
 def check_fp8(fp8_format, half: bool, transformer_impl: str, recompute_granularity):
     """FP8 needs Transformer Engine on an FP8-capable GPU, a 16-bit model and the TE layer spec."""
     from megatron_effmlm.model.backends import fp8_status
@@ -361,6 +456,11 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
             f"{par.tensor_model_parallel_size} x --pipeline-model-parallel-size {par.pipeline_model_parallel_size}"
         )
     dp = world_size // mp
+    tp = par.tensor_model_parallel_size
+    for flag, size in (("--num-attention-heads", cfg.model.num_attention_heads),
+                       ("--ffn-hidden-size", cfg.model.ffn_hidden_size)):
+        if size % tp:
+            raise ConfigError(f"{flag} {size} is not divisible by --tensor-model-parallel-size {tp}")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "

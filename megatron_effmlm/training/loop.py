@@ -48,6 +48,25 @@ def _finalize_model_grads(model, *args, **kwargs):
     allreduce_tied_injection_grads(model)
 
 
+def _disk_full(e: BaseException, root: str, tmp: str, needed: int) -> bool:
+    """Did a save fail for want of space? ENOSPC anywhere in the failure (torch DCP reports its
+    writers' errors as text), or -- torch's zip writer turns a short write into "unexpected
+    pos" -- less room on the filesystem before the save than the state it had to write."""
+    import errno
+
+    cause = e
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left on device" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        st = os.statvfs(root)
+        written = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) if os.path.isdir(tmp) else 0
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize + written < needed
+
+
 def _has_weights(data_path) -> bool:
     return len(data_path) > 1
 
@@ -154,9 +173,11 @@ class Trainer:
         if t.load and (t.load != t.save or os.path.isdir(t.load)):
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
+                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict(), "run_info": {}},
             )
             if extra is not None:
+                self._check_checkpoint_tokenizer(t.load, extra.get("run_info") or {})
+                self.scheduler.check_loaded()
                 self.iteration = int(extra["iteration"])
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.train_flops = float(extra.get("train_flops", 0.0))
@@ -164,6 +185,17 @@ class Trainer:
         from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
 
         fuse_torch_adamw(self.optimizer)  # GPU without TE/Apex: torch's fused AdamW
+
+    def _check_checkpoint_tokenizer(self, load: str, info: dict):
+        """Token ids mean the tokens of the tokenizer a checkpoint was trained with: another
+        tokenizer of the same vocabulary size would load and train on garbage."""
+        made = (info.get("tokenizer") or {}).get("sha1")
+        here = self.tokenizer.unique_identifiers["tokenizer_sha1"]
+        if made and made != here:
+            raise ConfigError(
+                f"--load {load}: the checkpoint was trained with the tokenizer in {info['tokenizer'].get('dir')} "
+                f"(sha1 {made[:12]}), not the one in {self.tokenizer.path} (sha1 {here[:12]}): the same token "
+                "ids mean other tokens (--tokenizer-dir)")
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
@@ -336,11 +368,28 @@ class Trainer:
     # ----- the loop -----
     def save(self):
         t = self.cfg.train
-        path = dist_ckpt.save_checkpoint(
-            t.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
-             "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
-        )
+        try:
+            path = dist_ckpt.save_checkpoint(
+                t.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
+                 "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
+            )
+        except (Exception, dist_ckpt.CheckpointException) as e:
+            final = dist_ckpt.checkpoint_dir(t.save, self.iteration)
+            # Adam: weights and two moments (a lower bound of what the save writes here)
+            needed = 3 * sum(p.numel() * p.element_size() for m in self.model for p in m.parameters())
+            if not _disk_full(e, t.save, final + ".tmp", needed):
+                raise
+            # The half-written iter_*.tmp would hold the space a later save needs; the
+            # previous checkpoint and the tracker naming it are untouched.
+            if is_logging_rank():
+                import shutil
+
+                shutil.rmtree(final + ".tmp", ignore_errors=True)
+            prev = dist_ckpt.find_candidates(t.save)
+            kept = f"the previous checkpoint {prev[0]} is kept" if prev else "no earlier checkpoint exists"
+            raise dist_ckpt.CheckpointError(
+                f"--save {t.save}: no space left on device while saving {final}; {kept}") from None
         if is_logging_rank():
             print(f"saved checkpoint {path}", flush=True)
         return path

@@ -33,25 +33,33 @@ _SHAPE = {
 
 
 class ResumableScheduler(OptimizerParamScheduler):
-    """megatron-core's scheduler; loading a checkpoint whose schedule differs from the command
-    line raises CheckpointError naming both flags, unless one of them says which one wins."""
+    """megatron-core's scheduler; a checkpoint whose schedule differs from the command line's is
+    an error naming both flags (raised by `check_loaded`, after the checks of what matters more:
+    the model and the tokenizer), unless one of the flags says which one wins."""
 
     def __init__(self, *args, source: str = "", **kwargs):
         self.source = source  # the --load folder, for the message
+        self.mismatch = ""
         super().__init__(*args, **kwargs)
 
+    def check_loaded(self) -> None:
+        if self.mismatch:
+            raise CheckpointError(self.mismatch)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self.mismatch = ""  # a fallback to an earlier checkpoint loads again
         if not (self.override_opt_param_scheduler or self.use_checkpoint_opt_param_scheduler):
             here = self.state_dict()
             keys = [k for k in _SHAPE if k in state_dict and state_dict[k] != here[k]]
             if "lr_decay_steps" in keys and "wd_incr_steps" in keys:
                 keys.remove("wd_incr_steps")  # the same flags: say it once
             diff = [f"{k} {state_dict[k]} there and {here[k]} here ({_SHAPE[k]})" for k in keys]
-            if diff:
-                raise CheckpointError(
+            if diff:  # megatron-core's own check would assert: keep the message for check_loaded
+                self.mismatch = (
                     f"--load {self.source}: the checkpoint's LR schedule differs from the command line's: "
                     f"{'; '.join(diff)}. Give {OVERRIDE} to follow the command line's schedule from the "
                     f"checkpoint's position, or {USE_CHECKPOINT} to keep the checkpoint's")
+                return
         super().load_state_dict(state_dict)
 
 
