@@ -26,7 +26,9 @@ def main(argv=None):
     p.add_argument("--task", default="auto", help="auto, cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 2e-4 for hidden size < 768, the small models this project "
+                        "trains; 5e-5 for BERT-base and larger)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
