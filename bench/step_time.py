@@ -54,7 +54,9 @@ ROBERTA_BASE = dict(num_layers=12, d=768, vocab=50265, seq_len=512)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny config: 4 layers, T=128, d=128, 2 warm-up + 4 timed rounds")
     p.add_argument("--mode", choices=["all", "time", "memory"], default="all")
     p.add_argument("--num-layers", type=int, default=None, help="12 (quick: 4)")

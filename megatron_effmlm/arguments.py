@@ -75,17 +75,19 @@ class RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_effmlm.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         description="Pre-train a masked language model (BERT/RoBERTa) with megatron-core.",
-        allow_abbrev=False,
+        allow_abbrev=False, formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x --hidden-size")
     g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="model vocabulary (default: the tokenizer's); must be >= the tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved pipeline schedule: layers per virtual stage (needs PP > 2)")
+                   help="interleaved pipeline schedule: layers per virtual stage (needs PP >= 2)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--pipeline-split-by", default="layers", choices=["layers", "flops"],
                    help="even layer counts per stage, or a split balancing the stages' FLOPs (FLOP model)")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="vanilla", help="vanilla | 3ml | token-drop | sctd | random-ltd")
 
     g.add_argument("--micro-batch-size", type=int, default=8)
-    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: --micro-batch-size")
     g.add_argument("--train-iters", type=int, default=100)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=0)

@@ -13,7 +13,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (its latest iteration) or one iter_* folder")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target", default=None, choices=["megatron-bert", "bert", "roberta"],

@@ -20,7 +20,9 @@ if REPO not in sys.path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-dir", required=True, help="an exported Hugging Face folder")
     p.add_argument("--data-dir", required=True, help="GLUE-format task folder (train.tsv, dev.tsv)")
     p.add_argument("--task", default="auto", help="auto, cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli")

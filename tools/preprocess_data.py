@@ -22,7 +22,9 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="JSONL file, one document per line")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line")
