@@ -15,3 +15,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             action = copy.copy(action)
             action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
         return super()._format_action(action)
+
+
+# Warnings of megatron-core (and of torch under it) that say nothing to a user of this project:
+# its CPU fallbacks are the tested path, the cuda-graph note is about a default megatron-core
+# sets itself, and the deprecations are of torch APIs megatron-core's checkpointing calls.
+_NOISE = (
+    (r".*Transformer Engine and Apex are not installed", UserWarning),
+    (r".*Apex is not installed", UserWarning),
+    (r"full scope is deprecated", UserWarning),
+    (r"`load_state_dict` is deprecated", FutureWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+)
+
+
+def quiet_dependencies() -> None:
+    """The one place that filters what megatron-core and transformers print without news for
+    the user: the warnings above, megatron-core's INFO lines, transformers' progress bars and
+    advisory messages. Every entry point calls it first."""
+    import logging
+    import os
+    import sys
+    import warnings
+
+    for message, category in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()

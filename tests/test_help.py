@@ -66,3 +66,18 @@ def _option_help(text: str, flag: str) -> str:
             break
         block.append(l)
     return " ".join(" ".join(block).split())
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_dependency_noise_is_filtered(quiet):
+    """megatron_effmlm.cli.quiet_dependencies (every entry point calls it) silences megatron-core's
+    GPU-package warnings and transformers' progress bars; without it they show (so this can fail)."""
+    code = ("from megatron_effmlm.cli import quiet_dependencies; quiet_dependencies(); " if quiet else "") + (
+        "import megatron.core.optimizer, transformers; "
+        "print('bars', transformers.utils.logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(env, PYTHONPATH=REPO_ROOT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("Transformer Engine and Apex are not installed" in r.stderr) is not quiet, r.stderr[-2000:]
+    assert r.stdout.strip() == f"bars {not quiet}"

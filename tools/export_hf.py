@@ -23,9 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-dir", default=None, help="default: the tokenizer the checkpoint was trained with")
     a = p.parse_args(argv)
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore")
+    from megatron_effmlm.cli import quiet_dependencies
+
+    quiet_dependencies()
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError

@@ -39,9 +39,9 @@ def main(argv=None):
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--output", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    import warnings
+    from megatron_effmlm.cli import quiet_dependencies
 
-    warnings.filterwarnings("ignore")
+    quiet_dependencies()
     from megatron_effmlm.hf.finetune import finetune
 
     r = finetune(a.model_dir, a.data_dir, a.task, a.seeds, a.epochs, a.lr, a.batch_size, a.max_length, a.warmup,

@@ -23,9 +23,10 @@ def main(argv=None) -> int:
                    help="pad the vocabulary so that every TP size up to this loads the checkpoint")
     a = p.parse_args(argv)
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore")
+    from megatron_effmlm.cli import quiet_dependencies
+
+    quiet_dependencies()
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError
