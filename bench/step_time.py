@@ -413,7 +413,7 @@ def cuda_peak_bytes(runner):
 # ----------------------------------------------------------------------------- predictions
 
 def predicted_flops(a, name):
-    """Training FLOPs per sequence by the FLOP model (METHODS.md), the method's own parameters."""
+    """Training FLOPs per sequence by the FLOP model (docs/methods.md), the method's own parameters."""
     from megatron_effmlm.training.flops import predicted_step_flops
 
     kw = dict(seq_len=a.seq_length, num_layers=a.num_layers, d=a.hidden_size, f=4 * a.hidden_size,
