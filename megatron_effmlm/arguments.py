@@ -386,6 +386,10 @@ def check_values(a) -> None:
         raise ConfigError(f"--rotary-percent must be in (0, 1], got {a.rotary_percent}")
     if a.min_lr > a.lr:
         raise ConfigError(f"--min-lr {a.min_lr} exceeds --lr {a.lr}")
+    decay = a.lr_decay_iters or a.train_iters
+    if a.lr_warmup_iters and a.lr_warmup_iters >= decay:  # megatron-core's scheduler asserts it
+        raise ConfigError(f"--lr-warmup-iters {a.lr_warmup_iters} must be below "
+                          f"{'--lr-decay-iters' if a.lr_decay_iters else '--train-iters'} {decay}")
     if a.method != "3ml":
         for dest, value in (("decoder_layers", a.decoder_layers), ("3ml_decoder", a.mlm3_decoder)):
             if value is not None:

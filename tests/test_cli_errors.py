@@ -297,6 +297,8 @@ def _config_error(argv, world_size=1):
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--lr", "-0.0001"], "--lr must be >= 0, got -0.0001"),
     (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 exceeds --lr 0.0001"),
+    (["--lr-warmup-iters", "100", "--train-iters", "100"], "--lr-warmup-iters 100 must be below --train-iters 100"),
+    (["--lr-warmup-iters", "50", "--lr-decay-iters", "20"], "--lr-warmup-iters 50 must be below --lr-decay-iters 20"),
     (["--hidden-dropout", "1"], "--hidden-dropout must be in [0, 1), got 1.0"),
     (["--attention-dropout", "-0.1"], "--attention-dropout must be in [0, 1), got -0.1"),
     (["--sctd-kl-weight", "-1"], "--sctd-kl-weight must be >= 0, got -1.0"),
