@@ -14,11 +14,9 @@ import sys
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines drown the progress
-    import warnings
+    from megatron_effmlm.cli import quiet_dependencies
 
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    quiet_dependencies()
     from megatron_effmlm.arguments import parse_args
     from megatron_effmlm.config import ConfigError
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError

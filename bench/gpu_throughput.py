@@ -50,7 +50,9 @@ TARGETS = {"bert-large bf16 mfu": 0.50, "fp8 / bf16 tokens/s": 1.30, "flop toler
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shape, T=128, fp32, vanilla + baseline, 2 steps (CPU smoke run)")
     p.add_argument("--shapes", default="bert-base,bert-large")
     p.add_argument("--precisions", default="auto", help="comma list of fp32, bf16, fp8; auto: bf16 (+ fp8 where TE runs FP8)")

@@ -17,7 +17,9 @@ METHODS = {"vanilla": 0.15, "3ml": 0.5, "3ml-cross": 0.5, "token-drop": 0.15}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--num-layers", type=int, default=12)
     p.add_argument("--hidden-size", type=int, default=768)
     p.add_argument("--seq-length", type=int, default=512)

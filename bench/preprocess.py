@@ -27,7 +27,9 @@ for p in (REPO_ROOT, os.path.join(REPO_ROOT, "bench")):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--workers", default=None, help="comma list (default 1,2,4; quick 1,2)")
     p.add_argument("--repeat", type=int, default=None, help="copies of the demo corpus in the input (default 4; quick 1)")

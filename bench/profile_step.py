@@ -22,7 +22,9 @@ import torch  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--methods", default="vanilla,3ml,megatron-bert")
     p.add_argument("--shape", default="bert-base")
     p.add_argument("--precision", default="bf16")

@@ -65,7 +65,9 @@ ROBERTA_BASE = dict(num_layers=12, d=768, vocab=50265, seq_len=512)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny config: 4 layers, T=128, d=128, 2 warm-up + 4 timed rounds")
     p.add_argument("--mode", choices=["all", "time", "memory"], default="all")
     p.add_argument("--num-layers", type=int, default=None, help="12 (quick: 4)")
@@ -471,7 +473,7 @@ def measured_peak_flops(shape, precision, reps=5, warmup=2):
 # ----------------------------------------------------------------------------- predictions
 
 def predicted_flops(a, name):
-    """Training FLOPs per sequence by the FLOP model (METHODS.md), the method's own parameters."""
+    """Training FLOPs per sequence by the FLOP model (docs/methods.md), the method's own parameters."""
     from megatron_effmlm.training.flops import predicted_step_flops
 
     kw = dict(seq_len=a.seq_length, num_layers=a.num_layers, d=a.hidden_size, f=4 * a.hidden_size,

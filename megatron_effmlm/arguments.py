@@ -23,6 +23,9 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
+    # resume: which LR schedule wins when the checkpoint's differs (Megatron-LM's flags; neither: an error)
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -73,17 +76,19 @@ class RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_effmlm.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         description="Pre-train a masked language model (BERT/RoBERTa) with megatron-core.",
-        allow_abbrev=False,
+        allow_abbrev=False, formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x --hidden-size")
     g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="model vocabulary (default: the tokenizer's); must be >= the tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   help="interleaved pipeline schedule: layers per virtual stage (needs PP > 2)")
+                   help="interleaved pipeline schedule: layers per virtual stage (needs PP >= 2)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--pipeline-split-by", default="layers", choices=["layers", "flops"],
                    help="even layer counts per stage, or a split balancing the stages' FLOPs (FLOP model)")
@@ -143,12 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.98)
     g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on --load: the LR schedule of the command line (--lr, --min-lr, warm-up, decay, "
+                        "--train-iters x --global-batch-size), continued from the checkpoint's position")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on --load: the checkpoint's LR schedule, whatever the command line says (neither "
+                        "flag: a schedule that differs from the checkpoint's is an error)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="prefix, or weight prefix weight prefix ...")
@@ -166,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="vanilla", help="vanilla | 3ml | token-drop | sctd | random-ltd")
 
     g.add_argument("--micro-batch-size", type=int, default=8)
-    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: --micro-batch-size")
     g.add_argument("--train-iters", type=int, default=100)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=0)
@@ -195,12 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timeout of torch.distributed collectives: a dead or hung rank ends the run")
 
     g = p.add_argument_group("methods")
-    g.add_argument("--decoder-layers", type=int, default=2, help="3ml: decoder layers after the mask injection")
-    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default="self", choices=["self", "cross"])
+    g.add_argument("--decoder-layers", type=int, default=None,
+                   help="3ml: decoder layers after the mask injection (default 2)")
+    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default=None, choices=["self", "cross"],
+                   help="3ml: the decoder's stream (default self)")
     g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
     g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
     g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
     g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
+    g.add_argument("--sctd-kl-weight", type=float, default=0.05,
+                   help="sctd: weight of each layer's consistency KL (summed over rows), which shares the "
+                        "MLM sums' normaliser, the predicted tokens")
     g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
     g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
     g.add_argument("--ltd-granularity", type=int, default=16)
@@ -214,6 +232,7 @@ def parse_args(argv=None) -> RunConfig:
 
 
 def config_from_args(a) -> RunConfig:
+    check_values(a)
     if a.bf16 and a.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
     if not __import__("torch").cuda.is_available():
@@ -237,10 +256,11 @@ def config_from_args(a) -> RunConfig:
     if a.mask_80_10_10 is None:
         a.mask_80_10_10 = policy_cls.default_mask_80_10_10
     method_options = {
-        "3ml": dict(decoder_layers=a.decoder_layers, decoder_type=a.mlm3_decoder),
+        "3ml": dict(decoder_layers=2 if a.decoder_layers is None else a.decoder_layers,
+                    decoder_type=a.mlm3_decoder or "self"),
         "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
         "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
-                     sctd_code_compat=a.sctd_code_compat),
+                     sctd_code_compat=a.sctd_code_compat, sctd_kl_weight=a.sctd_kl_weight),
         "random-ltd": dict(ltd_start=a.ltd_start, ltd_steps=a.ltd_steps, ltd_granularity=a.ltd_granularity),
     }.get(a.method, {})
     model = ModelConfig(
@@ -290,7 +310,11 @@ def config_from_args(a) -> RunConfig:
         lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,
         lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
         adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+        override_opt_param_scheduler=a.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler,
     )
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
     data = DataConfig(
         data_path=list(a.data_path), split=a.split, tokenizer_dir=a.tokenizer_dir, mask_prob=a.mask_prob,
         no_mask_80_10_10=not a.mask_80_10_10, whole_word_masking=a.whole_word_masking,
@@ -325,6 +349,101 @@ def config_from_args(a) -> RunConfig:
     return RunConfig(model, par, prec, optim, data, train)
 
 
+_POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+             "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "micro_batch_size",
+             "global_batch_size", "log_interval", "eval_iters", "sctd_interval", "ltd_granularity",
+             "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+             "lr_decay_iters", "init_method_std", "layernorm_epsilon", "adam_eps", "train_flops_budget",
+             "peak_tflops", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window")
+_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_interval", "save_interval",
+                 "exit_interval", "ltd_steps", "num_tokentypes", "hysteresis", "sctd_kl_weight", "fp8_margin")
+# (low, high, high included): [low, high) or [low, high]
+_FRACTIONS = {"hidden_dropout": (0.0, 1.0, False), "attention_dropout": (0.0, 1.0, False),
+              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "td_beta": (0.0, 1.0, True)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_values(a) -> None:
+    """Values no run can use: one ConfigError naming the flag, before anything is built."""
+    import math
+
+    for dest in _POSITIVE + _NON_NEGATIVE + tuple(_FRACTIONS) + ("td_keep_ratio", "mask_prob", "rotary_percent"):
+        v = getattr(a, dest, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{_flag(dest)} must be a finite number, got {v}")
+    for dest in _POSITIVE:
+        v = getattr(a, dest, None)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{_flag(dest)} must be > 0, got {v}")
+    for dest in _NON_NEGATIVE:
+        v = getattr(a, dest, None)
+        if v is not None and not v >= 0:
+            raise ConfigError(f"{_flag(dest)} must be >= 0, got {v}")
+    for dest, (low, high, closed) in _FRACTIONS.items():
+        v = getattr(a, dest, None)
+        if v is not None and not (low <= v <= high if closed else low <= v < high):
+            raise ConfigError(f"{_flag(dest)} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
+    if not 0 < a.td_keep_ratio <= 1:
+        raise ConfigError(f"--td-keep-ratio must be in (0, 1], got {a.td_keep_ratio}")
+    if a.mask_prob is not None and not 0 < a.mask_prob < 1:
+        raise ConfigError(f"--mask-prob must be in (0, 1), got {a.mask_prob}")
+    if not 0 < a.rotary_percent <= 1:
+        raise ConfigError(f"--rotary-percent must be in (0, 1], got {a.rotary_percent}")
+    if a.min_lr > a.lr:
+        raise ConfigError(f"--min-lr {a.min_lr} exceeds --lr {a.lr}")
+    decay = a.lr_decay_iters or a.train_iters
+    if a.lr_warmup_iters and a.lr_warmup_iters >= decay:  # megatron-core's scheduler asserts it
+        raise ConfigError(f"--lr-warmup-iters {a.lr_warmup_iters} must be below "
+                          f"{'--lr-decay-iters' if a.lr_decay_iters else '--train-iters'} {decay}")
+    if a.method != "3ml":
+        for dest, value in (("decoder_layers", a.decoder_layers), ("3ml_decoder", a.mlm3_decoder)):
+            if value is not None:
+                raise ConfigError(f"{_flag(dest)} is for --method 3ml (the one method with a decoder), "
+                                  f"not --method {a.method}")
+    elif a.decoder_layers is not None and a.decoder_layers < 1:
+        raise ConfigError(f"--decoder-layers must be >= 1 for --method 3ml, got {a.decoder_layers}")
+    if a.method == "random-ltd" and not 1 <= a.ltd_start <= a.seq_length:
+        raise ConfigError(f"--ltd-start {a.ltd_start} must be in [1, --seq-length {a.seq_length}]")
+    check_outputs(a)
+
+
+def check_outputs(a) -> None:
+    """--save, --tensorboard-dir and --loss-curve must be writable now, not at the first save."""
+    for flag, path, is_dir in (("--save", a.save, True), ("--tensorboard-dir", a.tensorboard_dir, True),
+                               ("--loss-curve", a.loss_curve, False)):
+        if path:
+            check_writable(flag, path, is_dir)
+
+
+def check_writable(flag: str, path: str, is_dir: bool) -> None:
+    """A directory (is_dir) or a file that can be created or written at `path`: a probe file is
+    created and removed in the directory that would hold it (root ignores permission bits, and
+    a read-only mount only shows on a write)."""
+    import tempfile
+
+    if os.path.exists(path):
+        if is_dir and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: exists and is not a directory")
+        if not is_dir and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: is a directory (give a file name)")
+    where = path if is_dir and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(where):  # created later: the nearest existing parent must allow it
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ConfigError(f"{flag} {path}: {where} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".effmlm_write_probe", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {where} ({e.strerror or e})") from None
+    if not is_dir and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+
+
 def check_fp8(fp8_format, half: bool, transformer_impl: str, recompute_granularity):
     """FP8 needs Transformer Engine on an FP8-capable GPU, a 16-bit model and the TE layer spec."""
     from megatron_effmlm.model.backends import fp8_status
@@ -351,6 +470,11 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
             f"{par.tensor_model_parallel_size} x --pipeline-model-parallel-size {par.pipeline_model_parallel_size}"
         )
     dp = world_size // mp
+    tp = par.tensor_model_parallel_size
+    for flag, size in (("--num-attention-heads", cfg.model.num_attention_heads),
+                       ("--ffn-hidden-size", cfg.model.ffn_hidden_size)):
+        if size % tp:
+            raise ConfigError(f"{flag} {size} is not divisible by --tensor-model-parallel-size {tp}")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "

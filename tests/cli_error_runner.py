@@ -1,5 +1,6 @@
 """Runs pretrain_effmlm.main() on several bad command lines in one process (one import of
-megatron-core) and prints {case: [exit code, stderr]} as JSON."""
+megatron-core) and prints {case: [exit code, stderr]} as JSON ([exit code, stderr, stdout] with
+--with-stdout)."""
 import contextlib
 import io
 import json
@@ -13,13 +14,13 @@ if __name__ == "__main__":
     cases = json.load(sys.stdin if sys.argv[1] == "-" else open(sys.argv[1]))
     out = {}
     for name, argv in cases.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
+        err, std = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
             try:
                 code = pretrain_effmlm.main(argv)
             except SystemExit as e:  # argparse
                 code = e.code
-        out[name] = [code, err.getvalue()]
+        out[name] = [code, err.getvalue()] + ([std.getvalue()] if "--with-stdout" in sys.argv else [])
     if sys.argv[2] == "-":
         print(json.dumps(out))
     else:

@@ -36,7 +36,7 @@ def test_example_configs_are_valid_for_one_and_several_nodes(model):
         assert cfg.train.method == method
         for nodes in (1, 2, 4):  # 8 GPUs per node
             assert check_layout(cfg, 8 * nodes) == 8 * nodes
-    # the papers' numbers where METHODS.md gives them
+    # the papers' numbers (docs/methods.md)
     a = config_from_args(build_parser().parse_args([x for x in _config_args(model, "3ml") if x != "--bf16"]))
     assert a.data.mask_prob == 0.5 and a.data.no_mask_80_10_10 and a.model.decoder_layers == 2
     a = config_from_args(build_parser().parse_args([x for x in _config_args(model, "sctd") if x != "--bf16"]))

@@ -208,8 +208,41 @@ def test_sctd_consistency_step(demo_batch, demo_tokenizer, compat):
     # convention takes log-probabilities of the second distribution as its first argument.
     kl = sum((F.softmax(full_first[l], -1) * (F.log_softmax(full_first[l], -1) - F.log_softmax(drop_first[l], -1))).sum()
              for l in (L - 2, L - 1))
-    mlm_full = drop.mean() if compat else full.mean()
-    assert_same(model, ref, loss, 0.5 * drop.mean() + 0.5 * mlm_full + 0.05 * kl)
+    mlm_full = drop if compat else full
+    # The published code's one normaliser: MLM sums and the KL sum over the predicted tokens.
+    n = drop.numel()
+    assert_same(model, ref, loss, (0.5 * drop.sum() + 0.5 * mlm_full.sum() + 0.05 * kl) / n)
+
+
+@pytest.mark.parametrize("kl_weight", [0.05, 2.0])
+def test_sctd_loss_does_not_depend_on_the_micro_batch_split(demo_batch, demo_tokenizer, kl_weight):
+    """The same 4 rows as 1 micro-batch of 4 and as 4 of 1 (the schedule sums the micro-batches'
+    loss sums and divides by the global predicted-token count): same loss and gradients."""
+    tok = demo_tokenizer
+    _, model = make_model(tok.vocab_size)
+    policy = get_policy("sctd", tokenizer=tok, num_layers=L, sctd_interval=10, sctd_kl_weight=kl_weight)
+
+    def step(micro_batches):
+        model.zero_grad()
+        parts = []
+        for mb in micro_batches:
+            out = model(**policy.model_inputs(mb, 10))
+            assert out.consistency is not None
+            total, n, report = policy.loss(out)
+            parts.append((total, n, report["consistency kl"]))
+        n = sum(int(p[1]) for p in parts)
+        loss = sum(p[0] for p in parts) / n
+        loss.backward()
+        kl = sum(p[2] for p in parts)
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, kl
+
+    one_by_four = step([demo_batch])
+    four_by_one = step([{k: v[i:i + 1] for k, v in demo_batch.items()} for i in range(4)])
+    torch.testing.assert_close(one_by_four[0], four_by_one[0], rtol=1e-5, atol=1e-6)
+    for name, g in one_by_four[1].items():
+        torch.testing.assert_close(g, four_by_one[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(one_by_four[2], four_by_one[2])  # the reported KL per row, too
+    assert one_by_four[2][0] > 0 and one_by_four[2][1] == 4
 
 
 def test_sctd_plain_step_is_token_dropping(demo_batch, demo_tokenizer):

@@ -13,7 +13,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (its latest iteration) or one iter_* folder")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target", default=None, choices=["megatron-bert", "bert", "roberta"],
@@ -21,9 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-dir", default=None, help="default: the tokenizer the checkpoint was trained with")
     a = p.parse_args(argv)
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore")
+    from megatron_effmlm.cli import quiet_dependencies
+
+    quiet_dependencies()
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError

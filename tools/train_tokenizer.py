@@ -22,7 +22,9 @@ from megatron_effmlm.data.errors import DataError, run_cli  # noqa: E402
 def parse_args(argv=None):
     from megatron_effmlm.data.tokenizer import KINDS, STYLES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is used")
     p.add_argument("--tokenizer-type", required=True, choices=KINDS)

@@ -18,7 +18,9 @@ from megatron_effmlm.data.errors import DataError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, help="dump file (.xml or .xml.bz2)")
     parser.add_argument("--output", required=True, help="output JSONL path")
     parser.add_argument("--min-chars", type=int, default=0,

@@ -1,7 +1,7 @@
 # BERT-large (24 x 1024, 16 heads, T = 512, WordPiece) -- source this (the launchers do): sets EFFMLM_ARGS for pretrain_effmlm.py.
 #   one node:      METHOD=sctd DATA=... TOK=... bash examples/pretrain_one_node.sh examples/configs/bert_large.sh
 #   several nodes: METHOD=sctd DATA=... TOK=... sbatch --nodes 4 slurm/pretrain_torchrun.sbatch examples/configs/bert_large.sh
-# Not in METHODS.md: BERT's recipe (batch 256 -> here 512 as token dropping, lr 1e-4, 1M steps); random-LTD 128 -> 512 as DeepSpeed's BERT-large.
+# Not in the papers (docs/methods.md): BERT's recipe (batch 256 -> here 512 as token dropping, lr 1e-4, 1M steps); random-LTD 128 -> 512 as DeepSpeed's BERT-large.
 # DATA: a preprocess_data.py prefix or a blend "0.7 a 0.3 b"; TOK: a train_tokenizer.py directory.
 # The global batch is fixed; MICRO_BATCH per process (gradient accumulation fills the rest).
 : "${DATA:?set DATA to a --data-path prefix (or a blend)}" "${TOK:?set TOK to a --tokenizer-dir}"

@@ -1,7 +1,7 @@
 # RoBERTa-large (24 x 1024, 16 heads, T = 512, byte-level BPE) -- source this (the launchers do): sets EFFMLM_ARGS for pretrain_effmlm.py.
 #   one node:      METHOD=sctd DATA=... TOK=... bash examples/pretrain_one_node.sh examples/configs/roberta_large.sh
 #   several nodes: METHOD=sctd DATA=... TOK=... sbatch --nodes 4 slurm/pretrain_torchrun.sbatch examples/configs/roberta_large.sh
-# Not in METHODS.md: RoBERTa-large's recipe (batch 8k, peak lr 4e-4, warm-up 30k, 500k steps, beta2 0.98).
+# Not in the papers (docs/methods.md): RoBERTa-large's recipe (batch 8k, peak lr 4e-4, warm-up 30k, 500k steps, beta2 0.98).
 # DATA: a preprocess_data.py prefix or a blend "0.7 a 0.3 b"; TOK: a train_tokenizer.py directory.
 # The global batch is fixed; MICRO_BATCH per process (gradient accumulation fills the rest).
 : "${DATA:?set DATA to a --data-path prefix (or a blend)}" "${TOK:?set TOK to a --tokenizer-dir}"

@@ -16,6 +16,7 @@ nothing is predicted), ``loss_mask``, ``padding_mask`` (1 on real tokens), ``typ
 """
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -236,10 +237,22 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> None:
         raise DataError(f"{idx_path}: corrupt index file (document indices do not cover the sequences)")
     if (lengths < 0).any():
         raise DataError(f"{idx_path}: corrupt index file (negative sequence length)")
-    need = int(pointers[-1]) + int(lengths[-1]) * itemsize if n_seq else 0
+    # Sequences lie back to back: each size entry must equal the gap between its pointers.
+    ends = pointers.astype(numpy.int64) + lengths.astype(numpy.int64) * itemsize
+    bad = numpy.flatnonzero(pointers[1:] != ends[:-1]) + 1 if n_seq else numpy.array([], dtype=numpy.int64)
+    if n_seq and pointers[0] != 0:
+        bad = numpy.concatenate([[0], bad])
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{idx_path}: corrupt index file (the size or offset entry of sequence {i} does not match "
+                        f"its neighbours: {bad.size} such entries)")
+    need = int(ends[-1]) if n_seq else 0
     have = os.path.getsize(bin_path)
     if have < need:
         raise DataError(f"{bin_path}: truncated data file: {have} bytes, its index needs {need}")
+    if have != need:  # an .idx of one dataset beside the .bin of another
+        raise DataError(f"{bin_path}: {have} bytes, but {idx_path} describes {need}: the two files are of "
+                        "different datasets (preprocess again, or pair each .idx with its own .bin)")
 
 
 def check_token_ids(prefix: str, tokenizer, max_tokens: int = 1 << 24) -> None:
@@ -261,6 +274,42 @@ def check_token_ids(prefix: str, tokenizer, max_tokens: int = 1 << 24) -> None:
         raise DataError(
             f"{prefix}.bin holds token id {top}, outside the vocabulary of the tokenizer in {where} "
             f"({vocab} tokens): the data was made with another tokenizer (--tokenizer-dir)")
+
+
+# Beside prefix.bin/.idx: which tokenizer made them (tools/preprocess_data.py writes it).
+TOKENIZER_SIDECAR = ".tokenizer.json"
+
+
+def tokenizer_record(tokenizer) -> dict:
+    return {"tokenizer_sha1": tokenizer.unique_identifiers["tokenizer_sha1"], "vocab_size": tokenizer.vocab_size,
+            "tokenizer_dir": os.path.abspath(tokenizer.path)}
+
+
+def write_tokenizer_record(prefix: str, tokenizer) -> None:
+    path = prefix + TOKENIZER_SIDECAR
+    with open(path + ".tmp", "w") as f:
+        json.dump(tokenizer_record(tokenizer), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_data_tokenizer(prefix: str, tokenizer) -> None:
+    """Data that records its tokenizer (newer preprocessing) must have been made with this one,
+    even when the vocabulary sizes agree; data without the record is not checked."""
+    path = prefix + TOKENIZER_SIDECAR
+    ids = getattr(tokenizer, "unique_identifiers", None)
+    if not ids or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            made = json.load(f)
+        sha1 = made["tokenizer_sha1"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable tokenizer record ({e}); delete it to skip the check") from None
+    if sha1 != ids["tokenizer_sha1"]:
+        raise DataError(
+            f"{prefix}.bin was made with the tokenizer in {made.get('tokenizer_dir')} (sha1 {sha1[:12]}), not the "
+            f"one in {tokenizer.path} (sha1 {ids['tokenizer_sha1'][:12]}): the same token ids mean other "
+            "tokens (--tokenizer-dir)")
 
 
 def open_indexed_dataset(prefix: str, mmap: bool = True) -> IndexedDataset:
@@ -628,6 +677,7 @@ def build_train_valid_test_datasets(
     for prefix in prefixes:
         check_indexed_dataset(prefix)
         check_token_ids(prefix, tokenizer)
+        check_data_tokenizer(prefix, tokenizer)
     sizes = [train_samples, valid_samples, test_samples]
     if weights is not None and any(s is None for s in sizes):
         raise DataError(

@@ -420,6 +420,10 @@ def preprocess(
     stats.outputs = prefixes
     if stats.documents == 0:
         raise DataError(f"--input: no documents in {input_path}")
+    from megatron_effmlm.data.dataset import write_tokenizer_record
+
+    for prefix in prefixes.values():  # training compares it with --tokenizer-dir
+        write_tokenizer_record(prefix, tokenizer)
     elapsed = max(stats.seconds, 1e-9)
     for key, prefix in prefixes.items():
         print(

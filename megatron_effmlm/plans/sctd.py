@@ -2,10 +2,14 @@
 
 Token dropping on every training step; every `sctd_interval`-th step also runs the full model
 on the same batch, and the step's loss is
-    0.5 MLM_drop + 0.5 MLM_full + 0.05 KL_(L-1) + 0.05 KL_L,
-KL = KL(p_full || p_drop), p = softmax over the hidden dimension of the first token's state at
-the output of layer L-1 and layer L, summed (F.kl_div(log p_drop, p_full, reduction="sum"),
-nothing detached: gradients reach both passes). `sctd_code_compat` reproduces the published
+    (0.5 sum MLM_drop + 0.5 sum MLM_full + w KL_(L-1) + w KL_L) / N,
+with w = `sctd_kl_weight` (0.05), N the global batch's predicted tokens, the MLM terms summed
+over predicted tokens and KL = KL(p_full || p_drop), p = softmax over the hidden dimension of
+the first token's state at the output of layer L-1 and layer L, summed over the rows
+(F.kl_div(log p_drop, p_full, reduction="sum"), nothing detached: gradients reach both
+passes). As in the published code, the MLM sums and the KL sum share the one normaliser N;
+every term is a sum over rows, so the loss does not depend on how the global batch is split
+into micro-batches or data-parallel ranks. `sctd_code_compat` reproduces the published
 code, which takes both MLM terms from the dropped pass. The importance table learns from the
 dropped pass's losses.
 """
@@ -61,11 +65,14 @@ class ScTDPolicy(TokenDropPolicy):
         drop_sum = out.lm_losses.sum()
         full_sum = drop_sum if self.code_compat else full.lm_losses.sum()
         kls = [consistency_kl(out.captured[l], full.captured[l]) for l in self.captured_layers]
-        # The schedule divides by the predicted-token count: scale the per-batch KL by it.
-        total = 0.5 * drop_sum + 0.5 * full_sum + self.kl_weight * sum(kls) * n
+        # Sums only: the schedule divides the whole by the global predicted-token count, as the
+        # published code's one normaliser (a KL scaled per micro-batch would depend on the split).
+        total = 0.5 * drop_sum + 0.5 * full_sum + self.kl_weight * sum(kls)
+        rows = torch.tensor(out.captured[self.captured_layers[0]].shape[0], dtype=torch.float,
+                            device=n.device)
         report = {
             "lm loss": torch.stack([drop_sum.detach(), n.float()]),
             "full lm loss": torch.stack([full.lm_losses.sum().detach(), n.float()]),
-            "consistency kl": torch.stack([sum(kls).detach() * n, n.float()]),
+            "consistency kl": torch.stack([sum(kls).detach(), rows]),  # per row, both layers
         }
         return total, n, report

@@ -1,4 +1,4 @@
-"""The FLOP model (METHODS.md): a layer on n query tokens attending over n_kv keys costs
+"""The FLOP model (docs/methods.md): a layer on n query tokens attending over n_kv keys costs
 n * (8 d^2 + 4 d f) for the projections and MLP plus 4 n n_kv d for attention (forward);
 the LM head 2 (d^2 + d V) per predicted token; backward is twice the forward.
 

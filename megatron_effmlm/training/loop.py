@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from functools import partial
 from typing import Optional
@@ -21,7 +22,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_effmlm.arguments import RunConfig, check_layout
@@ -33,6 +33,7 @@ from megatron_effmlm.parallel.init import comm_device, initialize_distributed
 from megatron_effmlm.parallel.p2p import schedule_kwargs
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
+from megatron_effmlm.training.schedule import ResumableScheduler, zero_lr_warning
 from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
                                                  all_finite)
 
@@ -45,6 +46,25 @@ def _finalize_model_grads(model, *args, **kwargs):
 
     finalize_model_grads(model, *args, **kwargs)
     allreduce_tied_injection_grads(model)
+
+
+def _disk_full(e: BaseException, root: str, tmp: str, needed: int) -> bool:
+    """Did a save fail for want of space? ENOSPC anywhere in the failure (torch DCP reports its
+    writers' errors as text), or -- torch's zip writer turns a short write into "unexpected
+    pos" -- less room on the filesystem before the save than the state it had to write."""
+    import errno
+
+    cause = e
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left on device" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        st = os.statvfs(root)
+        written = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) if os.path.isdir(tmp) else 0
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize + written < needed
 
 
 def _has_weights(data_path) -> bool:
@@ -115,7 +135,7 @@ class Trainer:
             self.model,
         )
         decay_iters = o.lr_decay_iters or t.train_iters
-        self.scheduler = OptimizerParamScheduler(
+        self.scheduler = ResumableScheduler(
             self.optimizer,
             init_lr=0.0 if o.lr_warmup_iters else o.lr,
             max_lr=o.lr,
@@ -127,7 +147,11 @@ class Trainer:
             end_wd=o.weight_decay,
             wd_incr_steps=decay_iters * t.global_batch_size,
             wd_incr_style="constant",
+            override_opt_param_scheduler=o.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
+            source=t.load or "",
         )
+        self._warned_zero_lr = False
         self.tconfig.finalize_model_grads_func = _finalize_model_grads
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         self.tconfig.no_sync_func = [m.no_sync for m in self.model]
@@ -149,9 +173,11 @@ class Trainer:
         if t.load and (t.load != t.save or os.path.isdir(t.load)):
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
+                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict(), "run_info": {}},
             )
             if extra is not None:
+                self._check_checkpoint_tokenizer(t.load, extra.get("run_info") or {})
+                self.scheduler.check_loaded()
                 self.iteration = int(extra["iteration"])
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.train_flops = float(extra.get("train_flops", 0.0))
@@ -159,6 +185,17 @@ class Trainer:
         from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
 
         fuse_torch_adamw(self.optimizer)  # GPU without TE/Apex: torch's fused AdamW
+
+    def _check_checkpoint_tokenizer(self, load: str, info: dict):
+        """Token ids mean the tokens of the tokenizer a checkpoint was trained with: another
+        tokenizer of the same vocabulary size would load and train on garbage."""
+        made = (info.get("tokenizer") or {}).get("sha1")
+        here = self.tokenizer.unique_identifiers["tokenizer_sha1"]
+        if made and made != here:
+            raise ConfigError(
+                f"--load {load}: the checkpoint was trained with the tokenizer in {info['tokenizer'].get('dir')} "
+                f"(sha1 {made[:12]}), not the one in {self.tokenizer.path} (sha1 {here[:12]}): the same token "
+                "ids mean other tokens (--tokenizer-dir)")
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
@@ -270,6 +307,12 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._batch_tokens = 0
+        if not self._warned_zero_lr:  # never train at LR 0 unseen (a schedule that ended, --lr 0)
+            warning = zero_lr_warning(self.optimizer.param_groups[0]["lr"], self.scheduler, self.iteration + 1)
+            if warning:
+                self._warned_zero_lr = True
+                if is_logging_rank():
+                    print(warning, file=sys.stderr, flush=True)
         reports = self._run_schedule(data_iterator, forward_only=False, num_microbatches=self.num_microbatches)
         loss = self._reduce_report(reports)
         # A non-finite loss or gradient on any rank: every rank skips the update (and the
@@ -325,11 +368,28 @@ class Trainer:
     # ----- the loop -----
     def save(self):
         t = self.cfg.train
-        path = dist_ckpt.save_checkpoint(
-            t.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
-             "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
-        )
+        try:
+            path = dist_ckpt.save_checkpoint(
+                t.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
+                 "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
+            )
+        except (Exception, dist_ckpt.CheckpointException) as e:
+            final = dist_ckpt.checkpoint_dir(t.save, self.iteration)
+            # Adam: weights and two moments (a lower bound of what the save writes here)
+            needed = 3 * sum(p.numel() * p.element_size() for m in self.model for p in m.parameters())
+            if not _disk_full(e, t.save, final + ".tmp", needed):
+                raise
+            # The half-written iter_*.tmp would hold the space a later save needs; the
+            # previous checkpoint and the tracker naming it are untouched.
+            if is_logging_rank():
+                import shutil
+
+                shutil.rmtree(final + ".tmp", ignore_errors=True)
+            prev = dist_ckpt.find_candidates(t.save)
+            kept = f"the previous checkpoint {prev[0]} is kept" if prev else "no earlier checkpoint exists"
+            raise dist_ckpt.CheckpointError(
+                f"--save {t.save}: no space left on device while saving {final}; {kept}") from None
         if is_logging_rank():
             print(f"saved checkpoint {path}", flush=True)
         return path
