@@ -1,0 +1,135 @@
+"""tools/build_corpus.py: the four sources, deterministic output, a stable held-out slice, licenses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+PYTHON = sys.executable
+SOURCES = ["sotu", "linux-doc", "tdavid", "enwiki"]
+
+
+def build(out, test_cache_dir, *extra):
+    cmd = [PYTHON, os.path.join(REPO_ROOT, "tools", "build_corpus.py"), "--output-dir", str(out),
+           "--data-dir", test_cache_dir, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+
+
+def records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory, test_cache_dir, demo_jsonl, demo_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("corpus")
+    args = ("--max-docs-per-source", "8", "--valid-fraction", "0.5", "--tokenizer-dir", demo_tokenizer_dir)
+    runs = [build(tmp / name, test_cache_dir, *args) for name in ("a", "b")]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    return tmp / "a", tmp / "b", runs[0].stdout
+
+
+def test_byte_identical_twice(two_builds):
+    a, b, _ = two_builds
+    for name in ("train.jsonl", "valid.jsonl", "manifest.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_every_source_present_with_license_and_counts(two_builds, demo_tokenizer):
+    a, _, stdout = two_builds
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert sorted(manifest["sources"]) == sorted(SOURCES)
+    train, valid = records(a / "train.jsonl"), records(a / "valid.jsonl")
+    for name, m in manifest["sources"].items():
+        lic = a / m["license"]
+        assert lic.is_file() and lic.stat().st_size > 200
+        for split, recs in (("train", train), ("valid", valid)):
+            mine = [r for r in recs if r["source"] == name]
+            assert m[split]["docs"] == len(mine) >= 1
+            assert m[split]["chars"] == sum(len(r["text"]) for r in mine)
+            assert m[split]["tokens"] == sum(len(demo_tokenizer.tokenize(r["text"])) for r in mine)
+            assert all(r["id"].startswith(f"{name}/") for r in mine)
+        assert m["train"]["docs"] + m["valid"]["docs"] == 8
+        assert f"{name} (" in stdout
+    assert "GNU General Public License" in (a / "licenses" / "linux-doc.txt").read_text()
+    assert "public domain" in (a / "licenses" / "tdavid.txt").read_text().lower()
+
+
+def test_held_out_split_disjoint_and_by_id(two_builds, tmp_path, test_cache_dir):
+    """Whole documents, disjoint, chosen by their id alone: a larger build puts every shared
+    document on the same side."""
+    from megatron_effmlm.data.corpus import held_out
+
+    a, _, _ = two_builds
+    train, valid = records(a / "train.jsonl"), records(a / "valid.jsonl")
+    assert not {r["id"] for r in train} & {r["id"] for r in valid}
+    for r in train + valid:
+        assert held_out(r["source"], r["id"].split("/", 1)[1], 0.5) == (r in valid)
+    r = build(tmp_path / "big", test_cache_dir, "--max-docs-per-source", "12", "--valid-fraction", "0.5",
+              "--sources", "sotu", "tdavid")
+    assert r.returncode == 0, r.stderr
+    side = {x["id"]: "valid" for x in records(tmp_path / "big" / "valid.jsonl")}
+    side.update({x["id"]: "train" for x in records(tmp_path / "big" / "train.jsonl")})
+    small = {x["id"]: "train" for x in train if x["source"] in ("sotu", "tdavid")}
+    small.update({x["id"]: "valid" for x in valid if x["source"] in ("sotu", "tdavid")})
+    assert small and all(side[i] == s for i, s in small.items())
+
+
+def test_tdavid_zcom_index(test_cache_dir):
+    """The zCom4 block and entry indices give the preface and all 150 psalms, in order."""
+    from megatron_effmlm.data.corpus import tdavid_docs
+
+    docs = list(tdavid_docs(os.path.join(test_cache_dir, "cache")))
+    ids = [d for d, t in docs if t]
+    assert ids == ["Ps"] + [f"Ps.{i}" for i in range(1, 151)]
+    text = dict(docs)["Ps.1"]
+    assert text.startswith("Psalm 1 OVERVIEW") and "<" not in text
+
+
+def test_rst_to_text():
+    from megatron_effmlm.data.corpus import rst_to_text
+
+    src = """Title here
+==========
+
+Some *emphasis* and :c:func:`kmalloc` and :ref:`the docs <other-doc>`.
+
+.. kernel-doc:: include/linux/slab.h
+   :functions: kmalloc
+
+.. code-block:: c
+
+   int x = 1;
+
+::
+
+   literal code
+
+- an item
+"""
+    assert rst_to_text(src) == "Title here\n\nSome emphasis and kmalloc and the docs.\n\nan item"
+
+
+def test_errors(tmp_path, test_cache_dir):
+    r = build(tmp_path / "x", test_cache_dir, "--sources", "sotu", "nope")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --sources: unknown source 'nope'; choose from sotu, linux-doc, tdavid, enwiki"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "train.jsonl").write_text("precious\n")
+    r = build(tmp_path / "theirs", test_cache_dir, "--sources", "sotu")
+    assert r.returncode == 2 and r.stderr.count("error:") == 1
+    assert "already holds train.jsonl" in r.stderr
+    assert (tmp_path / "theirs" / "train.jsonl").read_text() == "precious\n"
+
+
+def test_unavailable_debian_package(tmp_path):
+    from megatron_effmlm.data.corpus import SourceUnavailable, debian_package
+
+    with pytest.raises(SourceUnavailable, match=r"Debian package no-such-package-effmlm: "):
+        debian_package("no-such-package-effmlm", str(tmp_path))
+    assert os.listdir(tmp_path) == []
