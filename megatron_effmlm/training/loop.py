@@ -172,16 +172,9 @@ class Trainer:
     BUDGET_SCHEDULE_UNITS = 1_000_000
 
     def predicted_iteration_flops(self) -> float:
-        """The FLOP model's training FLOPs of one iteration (global batch) of this run's method."""
-        from megatron_effmlm.training.flops import predicted_step_flops
+        from megatron_effmlm.training.flops import iteration_flops
 
-        m, t, o = self.cfg.model, self.cfg.train, self.cfg.train.method_options
-        per_seq = predicted_step_flops(
-            t.method, m.seq_length, m.num_layers, m.hidden_size, m.ffn_hidden_size,
-            m.padded_vocab_size(self.cfg.parallel.tensor_model_parallel_size), self.cfg.data.mask_prob,
-            decoder_layers=m.decoder_layers or 2, keep_ratio=o.get("td_keep_ratio", 0.5),
-            decoder_type=m.decoder_type)
-        return t.global_batch_size * per_seq
+        return iteration_flops(self.cfg)
 
     def _schedule_span(self):
         """(warm-up, decay) lengths in the scheduler's units: samples, or budget units."""
@@ -456,6 +449,8 @@ class Trainer:
         os.replace(tmp, t.summary_json)
 
     def _train_loop(self, t, progress, it, stop, valid_ds, window_t, window_tokens, window_flops):
+        if t.train_flops_budget and self.train_flops >= t.train_flops_budget:
+            return  # resumed after the budget was spent: nothing left to train
         while self.iteration < t.train_iters:
             stats = self.train_step(it)
             if stats["non_finite"]:
