@@ -5,7 +5,8 @@ same FLOP budgets, judged by one held-out MLM evaluation and by downstream fine-
 Preparation (once; everything under the git-ignored data/):
 
     python tools/build_corpus.py --output-dir data/corpus
-    python tools/train_tokenizer.py --input data/corpus/train.jsonl --output-dir data/corpus/tokenizer ...
+    python tools/train_tokenizer.py --input data/corpus/train.jsonl --tokenizer-type wordpiece --vocab-size 8192 \\
+        --lowercase --output-dir data/corpus/tokenizer
     python tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-dir data/corpus/tokenizer \\
         --output-prefix data/corpus/train --split-sentences
     python tools/build_tasks.py --corpus-valid data/corpus/valid.jsonl --output-dir data/tasks

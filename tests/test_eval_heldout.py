@@ -116,20 +116,23 @@ def test_token_dropping_methods_score_with_the_full_encoder(mcore_single, heldou
 def test_unigram_baseline(heldout, demo_data_prefix, demo_tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_effmlm.eval.heldout import summarize, unigram_counts, unigram_losses
+    from megatron_effmlm.eval.heldout import non_label_ids, summarize, unigram_counts, unigram_losses
 
     tok = demo_tokenizer
     counts = unigram_counts(demo_data_prefix, tok.vocab_size)
     ds = IndexedDataset(demo_data_prefix)
     assert counts.sum() == int(ds.sequence_lengths.sum())
     labels = heldout.ids[heldout.masked]
-    got = unigram_losses(counts, labels, tok.special_ids)
-    c = {i: int(counts[i]) + 1 for i in range(tok.vocab_size) if i not in tok.special_ids}
+    got = unigram_losses(counts, labels, non_label_ids(tok))
+    structural = {tok.cls, tok.sep, tok.pad, tok.mask}
+    c = {i: int(counts[i]) + 1 for i in range(tok.vocab_size) if i not in structural}
     total = sum(c.values())
     numpy.testing.assert_allclose(got, [-numpy.log(c[int(y)] / total) for y in labels], rtol=1e-12)
     s = summarize(numpy.full(len(labels), 2.0), heldout, got)
     assert s["gap_to_unigram"] == pytest.approx(got.mean() - 2.0) and s["predicted_tokens"] == len(labels)
     assert s["mask_sha1"] == heldout.digest()
+    # [UNK] is text: a masked [UNK] has a finite unigram loss
+    assert numpy.isfinite(unigram_losses(counts, numpy.array([tok.unk]), non_label_ids(tok))).all()
 
 
 def test_cli_errors(tmp_path, demo_jsonl, demo_tokenizer_dir):

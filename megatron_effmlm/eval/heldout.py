@@ -123,11 +123,17 @@ def unigram_counts(data_prefix: str, vocab_size: int) -> numpy.ndarray:
     return counts
 
 
-def unigram_losses(counts: numpy.ndarray, labels: numpy.ndarray, special_ids) -> numpy.ndarray:
-    """-log p(label) under the add-one smoothed unigram of the non-special tokens."""
+def unigram_losses(counts: numpy.ndarray, labels: numpy.ndarray, excluded_ids) -> numpy.ndarray:
+    """-log p(label) under the add-one smoothed unigram of the tokens that can be a label
+    (`excluded_ids`: [CLS], [SEP], [PAD], [MASK]; [UNK] stays: text has it and it is masked)."""
     c = counts.astype(numpy.float64) + 1.0
-    c[list(special_ids)] = 0.0
+    c[list(excluded_ids)] = 0.0
     return -numpy.log(c[labels] / c.sum())
+
+
+def non_label_ids(tokenizer) -> List[int]:
+    """Token ids never at a masked position: the structural specials."""
+    return [tokenizer.cls, tokenizer.sep, tokenizer.pad, tokenizer.mask]
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ def evaluate_checkpoint(checkpoint: str, heldout: HeldoutSet, tokenizer, unigram
     losses = score(model, policy, heldout, tokenizer.mask, batch_size)
     uni = None
     if unigram_counts_ is not None:
-        uni = unigram_losses(unigram_counts_, heldout.ids[heldout.masked], tokenizer.special_ids)
+        uni = unigram_losses(unigram_counts_, heldout.ids[heldout.masked], non_label_ids(tokenizer))
     r = summarize(losses, heldout, uni)
     r.update(checkpoint=info["checkpoint"], iteration=info["iteration"], method=info["method"],
              method_options=info.get("method_options", {}))

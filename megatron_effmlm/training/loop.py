@@ -384,12 +384,20 @@ class Trainer:
             t.save, self.iteration, self.model, self.optimizer, self.scheduler,
             {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
              "tokens_seen": self.tokens_seen,
-             "train_seconds": self.train_seconds + (time.time() - self._loop_t0 if self._loop_t0 else 0.0),
+             "train_seconds": self._agreed_train_seconds(),
              "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
         )
         if is_logging_rank():
             print(f"saved checkpoint {path}", flush=True)
         return path
+
+    def _agreed_train_seconds(self) -> float:
+        """Training wall-clock so far, the same on every rank (the slowest's): checkpoints'
+        common state must agree across ranks."""
+        local = self.train_seconds + (time.time() - self._loop_t0 if self._loop_t0 else 0.0)
+        t = torch.tensor([local], dtype=torch.float64, device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
 
     def train(self) -> Progress:
         t = self.cfg.train
@@ -403,7 +411,7 @@ class Trainer:
         self._loop_t0 = time.time()
         window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
         self._train_loop(t, progress, it, self.stop, valid_ds, window_t, window_tokens, window_flops)
-        self.train_seconds += time.time() - self._loop_t0
+        self.train_seconds = self._agreed_train_seconds()
         self._loop_t0 = time.time()
         if t.save and (not t.save_interval or self.iteration % t.save_interval):
             self.save()
