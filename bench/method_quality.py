@@ -492,23 +492,31 @@ def main(argv=None):
     heldout = build_heldout(a.heldout, tok, seq, c["eval_sequences"])
     counts = unigram_counts(a.unigram_data, tok.vocab_size)
     runs, b_flops = plan_runs(a, c, tok.vocab_size)
-    results, t_start, done_cost, done_time = [], time.time(), 0.0, 0.0
-    total_cost = sum(max(b, 0.02 * b_flops) for *_, b in runs)  # the floor costs about a small run
+    results, t_start = [], time.time()
+    # ETA: each run costs a fixed part (evaluation, export, fine-tuning) plus pre-training in
+    # proportion to its budget; both rates are measured on the runs of this sitting.
+    overheads, pre_seconds, pre_budget = [], 0.0, 0.0
+    todo = [r for r in runs if not os.path.isfile(os.path.join(a.runs_dir, r[0], "result.json"))]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
         path = os.path.join(a.runs_dir, name, "result.json")
-        cost = max(budget, 0.02 * b_flops)
         if os.path.isfile(path):
             results.append(_load(path))
             print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
-            total_cost -= cost
             continue
-        eta = (total_cost * done_time / done_cost) if done_cost else float("nan")
-        print(f"[{i}/{len(runs)}] {name}: running | elapsed {_hms(time.time() - t_start)} | ETA "
-              f"{_hms(eta) if eta == eta else 'after the first run'}", flush=True)
+        left = todo[[r[0] for r in todo].index(name):]  # this run and the ones after it
+        eta = "after the first run" if not overheads else "after the first pre-training run"
+        if overheads and (pre_budget or not any(r[4] for r in left)):
+            sec = len(left) * statistics.mean(overheads)
+            sec += sum(r[4] for r in left) * (pre_seconds / pre_budget if pre_budget else 0.0)
+            eta = _hms(sec)
+        print(f"[{i}/{len(runs)}] {name}: running | elapsed {_hms(time.time() - t_start)} | ETA {eta}", flush=True)
         t0 = time.time()
         r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
         results.append(r)
-        done_cost, done_time, total_cost = done_cost + cost, done_time + time.time() - t0, total_cost - cost
+        pre = r["stage_seconds"]["pretrain"]
+        overheads.append(r["seconds"] - pre)
+        if budget:
+            pre_seconds, pre_budget = pre_seconds + pre, pre_budget + budget
         print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}, mean accuracy "
               f"{r['mean_accuracy']:.3f}, {r['train_flops']:.2e} FLOPs, {r['train_seconds']:.0f} s training, "
               f"{time.time() - t0:.0f} s in all", flush=True)
