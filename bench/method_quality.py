@@ -458,11 +458,15 @@ def write_outputs(a, c, results, b_flops):
                 ax.axhline(res["unigram_loss"], color="gray", ls="--", lw=1, label="unigram")
             if metric == "mean_accuracy" and floor is not None:
                 ax.axhline(floor["mean_accuracy"], color="gray", ls="--", lw=1, label="no pre-training")
+            if metric == "mean_accuracy" and tasks:
+                ax.axhline(statistics.mean(res["majority"].values()), color="black", ls=":", lw=1,
+                           label="majority class")
             ax.set_xscale("log")
             ax.set_xlabel("training FLOPs (FLOP model)" if kind == "train_flops" else "training wall-clock (s)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.suptitle(f"Method quality at equal compute ({a.config})")
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
