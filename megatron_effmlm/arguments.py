@@ -18,6 +18,7 @@ class OptimConfig:
     lr_decay_style: str = "linear"
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None
+    lr_warmup_fraction: Optional[float] = None  # of the decay span (iterations, or the FLOP budget)
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -58,6 +59,7 @@ class TrainConfig:
     loss_curve: Optional[str] = None  # PNG written at the end (and at each save)
     train_flops_budget: Optional[float] = None
     peak_tflops: Optional[float] = None
+    summary_json: Optional[str] = None  # FLOPs, tokens, wall-clock and the final lr/loss at the end
     # Faults and preemption (training/resilience.py has the exit codes)
     exit_signal_handler: bool = False
     exit_duration_in_mins: Optional[float] = None
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay span (of --lr-decay-iters or --train-iters; of the "
+                        "FLOP budget with --train-flops-budget); replaces --lr-warmup-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -192,7 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=0, help="stop (after saving) at an iteration multiple of this")
     g.add_argument("--loss-curve", default=None, help="write the loss curve as a PNG here")
     g.add_argument("--train-flops-budget", type=float, default=None,
-                   help="stop once the model FLOPs of training (FLOP model, fwd + bwd) reach this")
+                   help="stop once the model FLOPs of training (FLOP model, fwd + bwd) reach this. The LR "
+                        "schedule is then laid out over the budget, not over --train-iters: its position is "
+                        "the fraction of the budget spent, warm-up over the first --lr-warmup-fraction of it "
+                        "(or --lr-warmup-iters steps at the FLOP model's cost of one step of --method), decay "
+                        "over the rest, so the lr reaches --min-lr at the step that spends the budget. "
+                        "--train-iters only caps the run (it must leave room for the budget); "
+                        "--lr-decay-iters does not apply")
+    g.add_argument("--summary-json", default=None,
+                   help="at the end, write the run's FLOPs, tokens seen, wall-clock and final lr/loss here "
+                        "(JSON, atomically)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak per process, for MFU in the progress line")
 
@@ -308,7 +322,7 @@ def config_from_args(a) -> RunConfig:
     )
     optim = OptimConfig(
         lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style, lr_warmup_iters=a.lr_warmup_iters,
-        lr_decay_iters=a.lr_decay_iters, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
+        lr_decay_iters=a.lr_decay_iters, lr_warmup_fraction=a.lr_warmup_fraction, weight_decay=a.weight_decay, clip_grad=a.clip_grad,
         adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler,
@@ -326,7 +340,7 @@ def config_from_args(a) -> RunConfig:
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
         load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
         exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
-        peak_tflops=a.peak_tflops, exit_signal_handler=a.exit_signal_handler,
+        peak_tflops=a.peak_tflops, summary_json=a.summary_json, exit_signal_handler=a.exit_signal_handler,
         exit_duration_in_mins=a.exit_duration_in_mins, max_skipped_iterations=a.max_skipped_iterations,
         distributed_timeout_minutes=a.distributed_timeout_minutes,
     )

@@ -88,6 +88,11 @@ def run_scenario(common, sc):
 
     cfg = parse_args(common + sc["args"])
     trainer = Trainer(cfg)
+    if sc.get("train"):  # the whole loop (budget, summary): the result is its --summary-json
+        trainer.train()
+        result = {"summary": json.load(open(cfg.train.summary_json)) if dist.get_rank() == 0 else None}
+        destroy_model_parallel()
+        return result
     if sc.get("save_init"):
         cfg.train.save = sc["save_init"]
         trainer.save()

@@ -1,9 +1,13 @@
 """The benchmark scripts run in their quick modes on CPU and write what they promise."""
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def _run(repo_root, args, timeout=600):
@@ -68,3 +72,54 @@ def test_step_time_quick_mode_both_precisions(repo_root, tmp_path, demo_tokenize
     assert any("of the measured peak" in line for line in res["verdicts"])
     assert "Verdicts:" in open(tmp_path / "step_time_quick.md").read()
     assert (tmp_path / "step_time_quick.png").stat().st_size > 0
+
+
+def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """Every method at two budgets plus the no-pre-training floor: fully decayed runs at their
+    budgets, one held-out mask pattern, sane losses and accuracies, the table and the plot;
+    a rerun skips what is done; a run redone through the tools' subprocesses fits in."""
+    corpus, tasks, runs, results = (tmp_path / x for x in ("corpus", "tasks", "runs", "results"))
+    _run(repo_root, ["tools/build_corpus.py", "--output-dir", str(corpus), "--data-dir", test_cache_dir,
+                     "--sources", "sotu", "tdavid", "enwiki", "--max-docs-per-source", "8", "--valid-fraction", "0.5"])
+    _run(repo_root, ["tools/build_tasks.py", "--corpus-valid", str(corpus / "valid.jsonl"), "--output-dir", str(tasks),
+                     "--tasks", "register", "--max-train-per-class", "40", "--max-dev-per-class", "20"])
+    args = ["bench/method_quality.py", "--quick", "--data-path", demo_data_prefix, "--tokenizer-dir",
+            demo_tokenizer_dir, "--heldout", str(corpus / "valid.jsonl"), "--task-dirs", str(tasks / "register"),
+            "--runs-dir", str(runs), "--results-dir", str(results)]
+    out = _run(repo_root, args).stdout
+    assert "[15/15] random-ltd@1B: running | elapsed" in out and "ETA" in out
+    res = json.load(open(results / "method_quality_quick.json"))
+    methods = ["vanilla-15", "vanilla-40", "3ml-self", "3ml-cross", "token-drop", "sctd", "random-ltd"]
+    assert res["methods"] == methods and res["budgets"] == [0.5, 1.0] and res["tasks"] == ["register"]
+    runs_by = {r["run"]: r for r in res["runs"]}
+    assert set(runs_by) == {"no-pretraining"} | {f"{m}@{b}B" for m in methods for b in ("0.5", "1")}
+    vocab = 4096
+    for name, r in runs_by.items():
+        assert 0 < r["heldout_loss"] < 2 * math.log(vocab) and r["unigram_loss"] < math.log(vocab)
+        assert r["mask_sha1"] == runs_by["no-pretraining"]["mask_sha1"]  # one mask pattern for all
+        acc = r["tasks"]["register"]
+        assert 0 <= acc["mean"] <= 1 and len(acc["per_seed"]) == 1 and acc["majority"] == pytest.approx(1 / 3)
+        if name == "no-pretraining":
+            continue
+        assert r["train_flops"] >= r["budget_flops"] > 0 and r["final_lr"] == pytest.approx(r["min_lr"])
+        assert r["tokens_seen"] > 0 and r["train_seconds"] > 0
+    for m in methods:
+        lo, hi = runs_by[f"{m}@0.5B"], runs_by[f"{m}@1B"]
+        assert hi["budget_flops"] == pytest.approx(2 * lo["budget_flops"]) and hi["train_flops"] > lo["train_flops"]
+    table = {row["method"]: row for row in res["compute_to_reach_vanilla_at_b"]}
+    assert set(table) == set(methods)
+    assert table["vanilla-15"]["heldout_loss:train_flops"]["ratio"] == pytest.approx(1.0)
+    md = (results / "method_quality_quick.md").read_text()
+    assert "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |" in md
+    assert (results / "method_quality_quick.png").stat().st_size > 0
+
+    again = _run(repo_root, args).stdout  # resumable: nothing to redo
+    assert again.count("done before, skipped") == 15
+    redo = runs / "vanilla-40@0.5B"
+    kept = json.load(open(redo / "result.json"))
+    shutil.rmtree(redo)
+    third = _run(repo_root, args + ["--subprocesses"]).stdout
+    assert third.count("done before, skipped") == 14 and "vanilla-40@0.5B: running" in third
+    r = json.load(open(redo / "result.json"))
+    assert r["train_flops"] == kept["train_flops"] and r["mask_sha1"] == kept["mask_sha1"]
+    assert r["heldout_loss"] == pytest.approx(kept["heldout_loss"], abs=1e-3)

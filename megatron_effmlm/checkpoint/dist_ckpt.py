@@ -287,7 +287,8 @@ FRESH_PREFIXES = ("decoder.", "mask_embedding")
 def _drop_absent_fresh(sd: dict, path: str) -> dict:
     """Remove FRESH_PREFIXES entries the checkpoint does not hold (they keep their
     initialisation); returns {model key: names removed}."""
-    held = set(serialization.load_sharded_metadata(path))
+    # ShardedObjects (_extra_state) are listed per shard: "<key>/shard_<i>_<n>"
+    held = {k.split("/shard_")[0] for k in serialization.load_sharded_metadata(path)}
     dropped = {}
     for key, msd in sd.items():
         if key.startswith("model"):

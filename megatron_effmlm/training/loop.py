@@ -8,6 +8,7 @@ its optimizer and LR scheduler.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -134,18 +135,18 @@ class Trainer:
             ),
             self.model,
         )
-        decay_iters = o.lr_decay_iters or t.train_iters
+        warmup_steps, decay_steps = self._schedule_span()
         self.scheduler = ResumableScheduler(
             self.optimizer,
-            init_lr=0.0 if o.lr_warmup_iters else o.lr,
+            init_lr=0.0 if warmup_steps else o.lr,
             max_lr=o.lr,
             min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_iters * t.global_batch_size,
-            lr_decay_steps=decay_iters * t.global_batch_size,
+            lr_warmup_steps=warmup_steps,
+            lr_decay_steps=decay_steps,
             lr_decay_style=o.lr_decay_style,
             start_wd=o.weight_decay,
             end_wd=o.weight_decay,
-            wd_incr_steps=decay_iters * t.global_batch_size,
+            wd_incr_steps=decay_steps,
             wd_incr_style="constant",
             override_opt_param_scheduler=o.override_opt_param_scheduler,
             use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
@@ -169,11 +170,15 @@ class Trainer:
         self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.exit_code = EXIT_OK
         self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
+        self.tokens_seen = 0.0  # non-padding input tokens of training so far
+        self.train_seconds = 0.0  # wall-clock of the training loop so far (every sitting)
+        self._loop_t0 = None  # when this sitting's loop started
         # --load DIR --save DIR (a requeueable job's command line): a missing DIR is a fresh start.
         if t.load and (t.load != t.save or os.path.isdir(t.load)):
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict(), "run_info": {}},
+                {"consumed_samples": 0, "train_flops": 0.0, "tokens_seen": 0.0, "train_seconds": 0.0,
+                 "policy": self.policy.state_dict(), "run_info": {}},
             )
             if extra is not None:
                 self._check_checkpoint_tokenizer(t.load, extra.get("run_info") or {})
@@ -181,6 +186,8 @@ class Trainer:
                 self.iteration = int(extra["iteration"])
                 self.consumed_samples = int(extra["consumed_samples"])
                 self.train_flops = float(extra.get("train_flops", 0.0))
+                self.tokens_seen = float(extra.get("tokens_seen", 0.0))
+                self.train_seconds = float(extra.get("train_seconds", 0.0))
                 self.policy.load_state_dict(extra.get("policy", {}))
         from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
 
@@ -196,6 +203,53 @@ class Trainer:
                 f"--load {load}: the checkpoint was trained with the tokenizer in {info['tokenizer'].get('dir')} "
                 f"(sha1 {made[:12]}), not the one in {self.tokenizer.path} (sha1 {here[:12]}): the same token "
                 "ids mean other tokens (--tokenizer-dir)")
+
+    # The scheduler counts samples; under a FLOP budget it counts the budget in this many units
+    # (its position is the fraction spent), so warm-up and decay end where the budget does.
+    BUDGET_SCHEDULE_UNITS = 1_000_000
+
+    def predicted_iteration_flops(self) -> float:
+        from megatron_effmlm.training.flops import iteration_flops
+
+        return iteration_flops(self.cfg)
+
+    def _schedule_span(self):
+        """(warm-up, decay) lengths in the scheduler's units: samples, or budget units."""
+        o, t = self.cfg.optim, self.cfg.train
+        if o.lr_warmup_fraction is not None and not 0.0 <= o.lr_warmup_fraction < 1.0:
+            raise ConfigError(f"--lr-warmup-fraction {o.lr_warmup_fraction} is not in [0, 1)")
+        if not t.train_flops_budget:
+            decay = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
+            if o.lr_warmup_fraction is not None:
+                return round(o.lr_warmup_fraction * decay), decay
+            return o.lr_warmup_iters * t.global_batch_size, decay
+        if t.train_flops_budget <= 0:
+            raise ConfigError(f"--train-flops-budget {t.train_flops_budget} is not positive")
+        if o.lr_decay_iters:
+            raise ConfigError("--lr-decay-iters does not apply with --train-flops-budget: the schedule decays "
+                              "over the budget")
+        per_iter = self.predicted_iteration_flops()
+        self.budget_iters = math.ceil(t.train_flops_budget / per_iter)
+        if t.train_iters < self.budget_iters:
+            raise ConfigError(
+                f"--train-iters {t.train_iters} stops before --train-flops-budget {t.train_flops_budget:.3e} "
+                f"(the FLOP model needs about {self.budget_iters} iterations of --method {t.method}); raise "
+                f"--train-iters, it only caps the run")
+        units = self.BUDGET_SCHEDULE_UNITS
+        if o.lr_warmup_fraction is not None:
+            warm = o.lr_warmup_fraction
+        else:
+            warm = min(1.0, o.lr_warmup_iters * per_iter / t.train_flops_budget)
+        return round(warm * units), units
+
+    def _schedule_increment(self, step_flops: float) -> int:
+        """How far the scheduler moves for an update: a global batch of samples, or (budget) up
+        to the fraction of the budget spent after this step."""
+        t = self.cfg.train
+        if not t.train_flops_budget:
+            return t.global_batch_size
+        spent = min(1.0, (self.train_flops + step_flops) / t.train_flops_budget)
+        return max(0, math.floor(spent * self.BUDGET_SCHEDULE_UNITS) - self.scheduler.num_steps)
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
@@ -324,8 +378,9 @@ class Trainer:
             ok, grad_norm = False, float("nan")
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         gbs = self.cfg.train.global_batch_size
+        flops = 3.0 * self._forward_flops()  # backward = 2x forward
         if ok:
-            self.scheduler.step(increment=gbs)
+            self.scheduler.step(increment=self._schedule_increment(flops))
         else:
             self.skipped_iters += 1
         self.iteration += 1
@@ -337,8 +392,8 @@ class Trainer:
         extra = {k: self._reduce_report(reports, k) for k in self.EXTRA_REPORTS}
         tokens = torch.tensor([self._batch_tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        flops = 3.0 * self._forward_flops()  # backward = 2x forward
         self.train_flops += flops
+        self.tokens_seen += tokens.item()
         return {
             **{k.replace(" ", "_"): v for k, v in extra.items() if v == v},  # present this step
             "flops": flops,
@@ -368,10 +423,12 @@ class Trainer:
     # ----- the loop -----
     def save(self):
         t = self.cfg.train
+        train_seconds = self._agreed_train_seconds()  # a collective: every rank, before the save
         try:
             path = dist_ckpt.save_checkpoint(
                 t.save, self.iteration, self.model, self.optimizer, self.scheduler,
                 {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
+                 "tokens_seen": self.tokens_seen, "train_seconds": train_seconds,
                  "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
             )
         except (Exception, dist_ckpt.CheckpointException) as e:
@@ -394,22 +451,74 @@ class Trainer:
             print(f"saved checkpoint {path}", flush=True)
         return path
 
+    def _agreed_train_seconds(self) -> float:
+        """Training wall-clock so far, the same on every rank (the slowest's): checkpoints'
+        common state must agree across ranks."""
+        local = self.train_seconds + (time.time() - self._loop_t0 if self._loop_t0 else 0.0)
+        t = torch.tensor([local], dtype=torch.float64, device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def train(self) -> Progress:
         t = self.cfg.train
         train_ds, valid_ds, _ = self.datasets
-        progress = Progress(t.train_iters, self.iteration, t.tensorboard_dir, enabled=is_logging_rank())
+        # Under a budget the FLOP model's estimate is the better total for the ETA.
+        total = min(t.train_iters, getattr(self, "budget_iters", t.train_iters))
+        progress = Progress(total, self.iteration, t.tensorboard_dir, enabled=is_logging_rank())
         it = self.data_iterator(train_ds, self.consumed_samples)
         for m in self.model:
             m.train()
+        self._loop_t0 = time.time()
         window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
         self._train_loop(t, progress, it, self.stop, valid_ds, window_t, window_tokens, window_flops)
+        self.train_seconds = self._agreed_train_seconds()
+        self._loop_t0 = time.time()
         if t.save and (not t.save_interval or self.iteration % t.save_interval):
             self.save()
         progress.write_curve(t.loss_curve)
         progress.close()
+        self._finish(progress)
         return progress
 
+    def _finish(self, progress):
+        """The final log line and --summary-json: what the run cost and where it ended."""
+        t = self.cfg.train
+        lr = self.optimizer.param_groups[0]["lr"]
+        budget_reached = bool(t.train_flops_budget and self.train_flops >= t.train_flops_budget)
+        if not is_logging_rank():
+            return
+        print(f"finished at iteration {self.iteration}: {self.train_flops:.4e} training FLOPs (FLOP model), "
+              f"{self.tokens_seen:,.0f} tokens seen, {self.train_seconds:.1f} s of training, lr {lr:.3e}", flush=True)
+        if t.train_flops_budget and not budget_reached and self.exit_code == EXIT_OK:
+            print(f"warning: stopped at --train-iters {t.train_iters} before --train-flops-budget "
+                  f"{t.train_flops_budget:.3e}: the schedule is not fully decayed", flush=True)
+        if not t.summary_json:
+            return
+        train = progress.history["train"]
+        valid = progress.history["valid"]
+        m = self.cfg.model
+        summary = {
+            "method": t.method, "method_options": t.method_options, "mask_prob": self.cfg.data.mask_prob,
+            "iterations": self.iteration, "consumed_samples": self.consumed_samples,
+            "global_batch_size": t.global_batch_size, "seq_length": m.seq_length,
+            "train_flops": self.train_flops, "train_flops_budget": t.train_flops_budget,
+            "budget_reached": budget_reached, "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds, "world_size": dist.get_world_size(),
+            "final_lr": lr, "min_lr": self.cfg.optim.min_lr, "max_lr": self.cfg.optim.lr,
+            "lr_decay_style": self.cfg.optim.lr_decay_style,
+            "final_loss": train[-1][1] if train else None,
+            "last_valid_loss": valid[-1][1] if valid else None,
+            "skipped_iterations": self.skipped_iters, "exit_code": self.exit_code,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(t.summary_json)), exist_ok=True)
+        tmp = f"{t.summary_json}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, t.summary_json)
+
     def _train_loop(self, t, progress, it, stop, valid_ds, window_t, window_tokens, window_flops):
+        if t.train_flops_budget and self.train_flops >= t.train_flops_budget:
+            return  # resumed after the budget was spent: nothing left to train
         while self.iteration < t.train_iters:
             stats = self.train_step(it)
             if stats["non_finite"]:

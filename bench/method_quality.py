@@ -1,0 +1,534 @@
+#!/usr/bin/env python
+"""Does each method reach vanilla's quality for less compute? Every method pre-trained to the
+same FLOP budgets, judged by one held-out MLM evaluation and by downstream fine-tuning.
+
+Preparation (once; everything under the git-ignored data/):
+
+    python tools/build_corpus.py --output-dir data/corpus
+    python tools/train_tokenizer.py --input data/corpus/train.jsonl --tokenizer-type wordpiece --vocab-size 8192 \\
+        --lowercase --output-dir data/corpus/tokenizer
+    python tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-dir data/corpus/tokenizer \\
+        --output-prefix data/corpus/train --split-sentences
+    python tools/build_tasks.py --corpus-valid data/corpus/valid.jsonl --output-dir data/tasks
+    python tools/rotten_tomatoes_to_glue.py --output-dir data/rotten_tomatoes
+
+    python bench/method_quality.py --config cpu --data-path data/corpus/train_text_sentence \\
+        --tokenizer-dir data/corpus/tokenizer --heldout data/corpus/valid.jsonl \\
+        --task-dirs data/rotten_tomatoes data/tasks/register data/tasks/era
+
+Runs: every method of METHODS at every budget (--budgets, fractions of B = the FLOP model's cost
+of --vanilla-iters-at-B vanilla iterations), plus a no-pre-training floor (the same
+architecture, randomly initialised). Each run pre-trains to its budget (pretrain_effmlm.py,
+--train-flops-budget: the LR schedule decays over the budget), evaluates the held-out MLM
+loss (tools/eval_mlm.py: same rows, same masks for every model, each by its own inference
+path), exports the encoder (tools/export_hf.py) and fine-tunes it on every task with every
+seed (tools/finetune.py, one recipe for all). A finished run leaves result.json in
+<runs-dir>/<run>/ and is skipped when the bench runs again, so the study can be built over
+several sittings; a half-finished run resumes from its last finished stage (a pre-training
+run from its checkpoint).
+
+Output: <results-dir>/method_quality_<config>.{json,md,png}: held-out loss and mean
+downstream accuracy against training FLOPs and against wall-clock (one curve per method,
+error bars over fine-tuning seeds), and the compute each method needs to reach vanilla's
+quality at B, interpolated (in log compute) between budgets, by the FLOP model and by time.
+
+--quick: a tiny model, a few steps, one seed and one task, everything in this process (for
+the test suite; it still runs every method at two budgets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# name: pretrain_effmlm.py flags. The papers' defaults (3ML 50% masking, 2 decoder layers;
+# token dropping keeps 50% of the middle layers; random-LTD grows from half the length).
+METHODS = {
+    "vanilla-15": ["--method", "vanilla", "--mask-prob", "0.15"],
+    "vanilla-40": ["--method", "vanilla", "--mask-prob", "0.4"],
+    "3ml-self": ["--method", "3ml", "--3ml-decoder", "self"],
+    "3ml-cross": ["--method", "3ml", "--3ml-decoder", "cross"],
+    "token-drop": ["--method", "token-drop"],
+    "sctd": ["--method", "sctd"],
+    "random-ltd": ["--method", "random-ltd"],
+}
+BASELINE = "vanilla-15"
+FLOOR = "no-pretraining"
+
+CONFIGS = {
+    # The 2-core CPU study (issue 14 section 5 tunes these; B = about 30-40 minutes of vanilla).
+    "cpu": dict(model=["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+                       "--seq-length", "128"],
+                micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
+                vanilla_iters_at_b=1200, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
+                finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=None),
+                eval_sequences=512, nproc=2, in_process=False),
+    "quick": dict(model=["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+                         "--seq-length", "64", "--no-bias-gelu-fusion", "--hidden-dropout", "0",
+                         "--attention-dropout", "0"],
+                  micro_batch_size=4, global_batch_size=8, lr=1e-3, min_lr=1e-5, warmup_fraction=0.2,
+                  vanilla_iters_at_b=4, budgets=[0.5, 1.0], seeds=[1], max_tasks=1,
+                  finetune=dict(epochs=1, lr=1e-4, batch_size=16, max_length=64, max_train_examples=48),
+                  eval_sequences=16, nproc=1, in_process=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cpu", choices=list(CONFIGS))
+    p.add_argument("--quick", action="store_true", help="--config quick")
+    p.add_argument("--data-path", required=True, help="pre-training data prefix (.bin/.idx)")
+    p.add_argument("--tokenizer-dir", required=True)
+    p.add_argument("--heldout", required=True, help="held-out JSONL (tools/build_corpus.py's valid.jsonl)")
+    p.add_argument("--task-dirs", nargs="+", required=True, help="GLUE SST-2-format task folders")
+    p.add_argument("--unigram-data", default=None, help="data prefix for the unigram baseline (default --data-path)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budgets", type=float, nargs="+", default=None, help="fractions of B (default: the config's)")
+    p.add_argument("--vanilla-iters-at-b", type=int, default=None, help="B = this many vanilla iterations (FLOP model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: the config's)")
+    p.add_argument("--nproc", type=int, default=None, help="pre-training processes (torchrun)")
+    p.add_argument("--in-process", action="store_true", default=None,
+                   help="run every stage in this process (one pre-training process; the quick mode's way)")
+    p.add_argument("--subprocesses", dest="in_process", action="store_false",
+                   help="run every stage as its tool in a subprocess (pre-training under torchrun)")
+    p.add_argument("--runs-dir", default=None, help="default: runs/method_quality_<config>")
+    p.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
+    p.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
+                   help="more pretrain_effmlm.py flags for every run (last on the command line)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.config = "quick"
+    c = CONFIGS[a.config]
+    a.budgets = a.budgets or c["budgets"]
+    a.seeds = a.seeds or c["seeds"]
+    a.vanilla_iters_at_b = a.vanilla_iters_at_b or c["vanilla_iters_at_b"]
+    a.nproc = a.nproc or c["nproc"]
+    a.in_process = c["in_process"] if a.in_process is None else a.in_process
+    a.runs_dir = a.runs_dir or os.path.join(REPO, "runs", f"method_quality_{a.config}")
+    a.unigram_data = a.unigram_data or a.data_path
+    if c["max_tasks"]:
+        a.task_dirs = a.task_dirs[:c["max_tasks"]]
+    return a, c
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_inputs(a):
+    from megatron_effmlm.data.errors import DataError
+    from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(a.data_path + ext):
+            fail(f"--data-path {a.data_path}: no {a.data_path}{ext}")
+    if not os.path.isfile(a.heldout):
+        fail(f"--heldout {a.heldout}: no such file")
+    for d in a.task_dirs:
+        for f in ("train.tsv", "dev.tsv"):
+            if not os.path.isfile(os.path.join(d, f)):
+                fail(f"--task-dirs {d}: no {f} (a GLUE SST-2-format folder)")
+    if a.in_process and a.nproc != 1:
+        fail(f"--in-process runs one pre-training process, not --nproc {a.nproc}")
+    if any(b <= 0 for b in a.budgets) or BASELINE not in a.methods or 1.0 not in a.budgets:
+        fail("--budgets must be positive fractions of B including 1, and --methods must include vanilla-15 "
+             "(the reference of the table)")
+    try:
+        return EffMLMTokenizer.from_dir(a.tokenizer_dir)
+    except DataError as e:
+        fail(str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# One run's stages
+
+
+def common_pretrain_args(a, c):
+    return [*c["model"], "--data-path", a.data_path, "--tokenizer-dir", a.tokenizer_dir,
+            "--micro-batch-size", str(c["micro_batch_size"]), "--global-batch-size", str(c["global_batch_size"]),
+            "--lr", str(c["lr"]), "--min-lr", str(c["min_lr"]), "--lr-decay-style", "linear",
+            "--lr-warmup-fraction", str(c["warmup_fraction"]), "--split", "98,2,0", "--seed", "1234",
+            "--data-cache-path", os.path.join(a.runs_dir, "data_cache")]
+
+
+def iteration_flops(argv, vocab: int) -> float:
+    """The FLOP model's cost of one iteration of a pretrain_effmlm.py command line."""
+    from megatron_effmlm.arguments import parse_args as parse_pretrain
+    from megatron_effmlm.training.flops import iteration_flops as flops_of
+
+    cfg = parse_pretrain(argv)
+    cfg.model.vocab_size = max(cfg.model.vocab_size, vocab)
+    return flops_of(cfg)
+
+
+def plan_runs(a, c, vocab: int):
+    """[(name, method, budget fraction, pretrain argv)] in execution order (small budgets first)."""
+    base = common_pretrain_args(a, c)
+    b_flops = a.vanilla_iters_at_b * iteration_flops(base + METHODS[BASELINE] + a.pretrain_args, vocab)
+    # The floor: the same architecture, randomly initialised (one step at lr 0 writes the checkpoint).
+    runs = [(FLOOR, FLOOR, 0.0, base + a.pretrain_args + ["--train-iters", "1", "--lr", "0", "--min-lr", "0"], 0.0)]
+    seq = int(c["model"][c["model"].index("--seq-length") + 1])
+    for frac in sorted(a.budgets):
+        for m in a.methods:
+            flags = list(METHODS[m])
+            per_iter = iteration_flops(base + flags + a.pretrain_args, vocab)
+            est = math.ceil(frac * b_flops / per_iter)
+            if m == "random-ltd":  # grow from half the length over 70% of the run (DeepSpeed's shape)
+                flags += ["--ltd-start", str(seq // 2), "--ltd-steps", str(max(1, int(0.7 * est))),
+                          "--ltd-granularity", str(max(1, seq // 8))]
+            # --train-iters only caps the run: the measured step may cost less than the model's
+            argv = base + flags + ["--train-flops-budget", f"{frac * b_flops:.6e}", "--train-iters",
+                                   str(3 * est + 10), "--log-interval", str(max(1, est // 20))] + a.pretrain_args
+            runs.append((f"{m}@{frac:g}B", m, frac, argv, frac * b_flops))
+    return runs, b_flops
+
+
+def _atomic_json(path, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def _logged(path):
+    """This process's stdout (and stderr) into a stage log, for the in-process stages."""
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+        f.flush()
+
+
+def _subprocess(cmd, log_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    with open(log_path, "a") as log:
+        r = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited with {r.returncode}; log {log_path}:\n{tail}")
+
+
+def stage_pretrain(a, run_dir, argv):
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary) and _load(summary)["exit_code"] == 0:
+        return _load(summary)
+    ckpt = os.path.join(run_dir, "ckpt")
+    argv = argv + ["--save", ckpt, "--load", ckpt, "--summary-json", summary]
+    log = os.path.join(run_dir, "pretrain.log")
+    if a.in_process:
+        import pretrain_effmlm
+
+        with _logged(log):
+            code = pretrain_effmlm.main(argv)
+        if code:
+            raise RuntimeError(f"pre-training exited with {code}; log {log}")
+    else:
+        _subprocess([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+                     "pretrain_effmlm.py", *argv], log)
+    s = _load(summary)
+    if s["train_flops_budget"] and not s["budget_reached"]:
+        raise RuntimeError(f"{run_dir}: stopped before its budget (see pretrain.log)")
+    return s
+
+
+def stage_eval(a, c, run_dir, tok, heldout, counts):
+    out = os.path.join(run_dir, "eval.json")
+    if os.path.isfile(out):
+        return _load(out)
+    ckpt = os.path.join(run_dir, "ckpt")
+    if a.in_process:
+        from megatron_effmlm.eval.heldout import evaluate_checkpoint
+        from megatron_effmlm.parallel.init import destroy
+
+        try:
+            with _logged(os.path.join(run_dir, "eval.log")):
+                r = evaluate_checkpoint(ckpt, heldout, tok, counts)
+        finally:
+            destroy()
+        _atomic_json(out, {"data": os.path.abspath(a.heldout), "results": [r]})
+    else:
+        _subprocess([sys.executable, "tools/eval_mlm.py", "--checkpoint", ckpt, "--data", a.heldout,
+                     "--tokenizer-dir", a.tokenizer_dir, "--unigram-data", a.unigram_data,
+                     "--seq-length", str(heldout.seq_length), "--num-sequences", str(c["eval_sequences"]),
+                     "--output", out], os.path.join(run_dir, "eval.log"))
+    return _load(out)
+
+
+def stage_export(a, run_dir):
+    hf = os.path.join(run_dir, "hf")
+    if os.path.isfile(os.path.join(hf, "config.json")):
+        return hf
+    ckpt = os.path.join(run_dir, "ckpt")
+    log = os.path.join(run_dir, "export.log")
+    if a.in_process:
+        from megatron_effmlm.hf.export import export
+        from megatron_effmlm.parallel.init import destroy
+
+        try:
+            with _logged(log):
+                export(ckpt, hf)
+        finally:
+            destroy()
+    else:
+        _subprocess([sys.executable, "tools/export_hf.py", "--checkpoint", ckpt, "--output-dir", hf], log)
+    return hf
+
+
+def task_name(d):
+    return os.path.basename(os.path.normpath(d))
+
+
+def stage_finetune(a, c, run_dir, hf, task_dir):
+    out = os.path.join(run_dir, f"finetune_{task_name(task_dir)}.json")
+    if os.path.isfile(out):
+        return _load(out)
+    ft = c["finetune"]
+    log = os.path.join(run_dir, f"finetune_{task_name(task_dir)}.log")
+    if a.in_process:
+        from megatron_effmlm.hf.finetune import finetune
+
+        with _logged(log):
+            r = finetune(hf, task_dir, "sst2", a.seeds, ft["epochs"], ft["lr"], ft["batch_size"], ft["max_length"],
+                         0.1, 0.01, ft["max_train_examples"], 50)
+        _atomic_json(out, r)
+    else:
+        cmd = [sys.executable, "tools/finetune.py", "--model-dir", hf, "--data-dir", task_dir, "--task", "sst2",
+               "--seeds", *map(str, a.seeds), "--epochs", str(ft["epochs"]), "--lr", str(ft["lr"]),
+               "--batch-size", str(ft["batch_size"]), "--max-length", str(ft["max_length"]), "--output", out]
+        if ft["max_train_examples"]:
+            cmd += ["--max-train-examples", str(ft["max_train_examples"])]
+        _subprocess(cmd, log)
+    return _load(out)
+
+
+def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
+    run_dir = os.path.join(a.runs_dir, name)
+    os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
+    clock = {}
+
+    def timed(key, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        clock[key] = round(time.time() - t, 2)
+        return out
+
+    summary = timed("pretrain", stage_pretrain, a, run_dir, argv)
+    ev = timed("eval", stage_eval, a, c, run_dir, tok, heldout, counts)["results"][0]
+    hf = timed("export", stage_export, a, run_dir)
+    tasks = {}
+    for d in a.task_dirs:
+        r = timed(f"finetune_{task_name(d)}", stage_finetune, a, c, run_dir, hf, d)
+        tasks[task_name(d)] = {"per_seed": [x["accuracy"] for x in r["per_seed"]],
+                               "mean": r["summary"]["accuracy"]["mean"], "std": r["summary"]["accuracy"]["std"],
+                               "majority": r["majority_baseline"]["accuracy"]}
+    result = {"run": name, "method": method, "budget_fraction": frac, "budget_flops": budget,
+              "train_flops": summary["train_flops"], "train_seconds": summary["train_seconds"],
+              "tokens_seen": summary["tokens_seen"], "iterations": summary["iterations"],
+              "final_lr": summary["final_lr"], "min_lr": summary["min_lr"],
+              "heldout_loss": ev["loss"], "unigram_loss": ev.get("unigram_loss"),
+              "gap_to_unigram": ev.get("gap_to_unigram"), "heldout_per_source": ev.get("per_source"),
+              "mask_sha1": ev["mask_sha1"], "tasks": tasks, "seeds": list(a.seeds),
+              "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()),
+              "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "seconds": round(time.time() - t0, 2),
+              "stage_seconds": clock}
+    _atomic_json(os.path.join(run_dir, "result.json"), result)
+    return result
+
+
+def _seed_spread(tasks) -> float:
+    """Spread over fine-tuning seeds of the task-averaged accuracy (population std)."""
+    per_seed = list(zip(*(t["per_seed"] for t in tasks.values())))
+    return statistics.pstdev(statistics.mean(s) for s in per_seed) if len(per_seed) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The table and the plot
+
+
+def crossing(points, target, lower_is_better):
+    """Compute at which a method's (compute, quality) points reach `target`, interpolated
+    linearly in log compute between budgets; (value, note) with note '' (interpolated),
+    '<=' (already at the smallest budget) or '>' (not reached at the largest)."""
+    pts = sorted(points)
+    good = (lambda q: q <= target) if lower_is_better else (lambda q: q >= target)
+    if not pts:
+        return None, ""
+    if good(pts[0][1]):
+        return pts[0][0], "<="
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if good(y1):
+            t = (target - y0) / (y1 - y0) if y1 != y0 else 1.0
+            return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0))), ""
+    return pts[-1][0], ">"
+
+
+def aggregate(results, a):
+    """Per method: points per budget (mean over its runs; one run per method and budget)."""
+    by = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    curves = {m: sorted(rs, key=lambda r: r["budget_fraction"]) for m, rs in by.items()}
+    base = {r["budget_fraction"]: r for r in curves.get(BASELINE, [])}
+    ref = base.get(1.0)
+    table = []
+    for m, rs in curves.items():
+        if m == FLOOR or ref is None:
+            continue
+        row = {"method": m}
+        for metric, lower in (("heldout_loss", True), ("mean_accuracy", False)):
+            target = ref[metric]
+            for kind in ("train_flops", "train_seconds"):
+                val, note = crossing([(r[kind], r[metric]) for r in rs if r[kind] > 0], target, lower)
+                row[f"{metric}:{kind}"] = {"ratio": None if val is None else val / ref[kind], "note": note}
+        table.append(row)
+    return curves, table
+
+
+def _ratio(cell):
+    if cell["ratio"] is None:
+        return "n/a"
+    return f"{cell['note']}{cell['ratio']:.2f}" if cell["note"] != ">" else f"> {cell['ratio']:.2f}"
+
+
+def write_outputs(a, c, results, b_flops):
+    from step_time import write_tables  # bench/ is on the path when run as a script
+
+    curves, table = aggregate(results, a)
+    floor = next((r for r in results if r["method"] == FLOOR), None)
+    tasks = sorted({t for r in results for t in r["tasks"]})
+    res = {"config": a.config, "settings": {k: v for k, v in c.items()}, "b_flops": b_flops,
+           "vanilla_iters_at_b": a.vanilla_iters_at_b, "budgets": sorted(a.budgets), "seeds": list(a.seeds),
+           "tasks": tasks, "methods": list(a.methods), "baseline": BASELINE, "runs": results,
+           "compute_to_reach_vanilla_at_b": table,
+           "majority": {t: next(iter(r["tasks"][t]["majority"] for r in results if t in r["tasks"])) for t in tasks},
+           "no_pretraining": floor and {t: floor["tasks"][t] for t in tasks},
+           "unigram_loss": next((r["unigram_loss"] for r in results if r.get("unigram_loss") is not None), None)}
+    md = [f"# Method quality at equal compute ({a.config})", "",
+          f"B = {b_flops:.3e} training FLOPs (FLOP model) = {a.vanilla_iters_at_b} vanilla iterations; budgets "
+          f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. "
+          f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
+          f"(unigram baseline {res['unigram_loss']:.3f}).", "",
+          "| run | FLOPs | train s | iterations | held-out loss | gap to unigram | "
+          + " | ".join(f"{t} acc" for t in tasks) + " | mean acc |",
+          "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+    for r in results:
+        accs = " | ".join(f"{r['tasks'][t]['mean']:.3f} ± {r['tasks'][t]['std']:.3f}" for t in tasks)
+        gap = f"{r['gap_to_unigram']:+.3f}" if r.get("gap_to_unigram") is not None else "n/a"
+        md.append(f"| {r['run']} | {r['train_flops']:.3e} | {r['train_seconds']:.0f} | {r['iterations']} | "
+                  f"{r['heldout_loss']:.3f} | {gap} | {accs} | {r['mean_accuracy']:.3f} ± {r['mean_accuracy_std']:.3f} |")
+    md += ["", "Majority class: " + ", ".join(f"{t} {res['majority'][t]:.3f}" for t in tasks) + ".", "",
+           f"## Compute to reach {BASELINE} at B (fraction of its FLOPs / of its training time)", "",
+           "`<=`: already reached at the smallest budget; `>`: not reached at the largest.", "",
+           "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |", "|---|---|---|---|---|"]
+    for row in table:
+        md.append(f"| {row['method']} | {_ratio(row['heldout_loss:train_flops'])} | "
+                  f"{_ratio(row['heldout_loss:train_seconds'])} | {_ratio(row['mean_accuracy:train_flops'])} | "
+                  f"{_ratio(row['mean_accuracy:train_seconds'])} |")
+    stem, plt = write_tables(a.results_dir, f"method_quality_{a.config}", res, "\n".join(md) + "\n")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for (metric, label), row in zip((("heldout_loss", "held-out MLM loss"), ("mean_accuracy", "mean dev accuracy")),
+                                    axes):
+        for kind, ax in zip(("train_flops", "train_seconds"), row):
+            for m, rs in curves.items():
+                if m == FLOOR:
+                    continue
+                xs = [r[kind] for r in rs]
+                ys = [r[metric] for r in rs]
+                err = [r["mean_accuracy_std"] for r in rs] if metric == "mean_accuracy" else None
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+            if metric == "heldout_loss" and res["unigram_loss"] is not None:
+                ax.axhline(res["unigram_loss"], color="gray", ls="--", lw=1, label="unigram")
+            if metric == "mean_accuracy" and floor is not None:
+                ax.axhline(floor["mean_accuracy"], color="gray", ls="--", lw=1, label="no pre-training")
+            if metric == "mean_accuracy" and tasks:
+                ax.axhline(statistics.mean(res["majority"].values()), color="black", ls=":", lw=1,
+                           label="majority class")
+            ax.set_xscale("log")
+            ax.set_xlabel("training FLOPs (FLOP model)" if kind == "train_flops" else "training wall-clock (s)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
+    fig.suptitle(f"Method quality at equal compute ({a.config})")
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    return stem
+
+
+def _hms(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None):
+    a, c = parse_args(argv)
+    tok = check_inputs(a)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    # Before any in-process stage: logging's handler then keeps the real stderr, not a stage log.
+    logging.basicConfig(level=logging.WARNING, stream=sys.__stderr__)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_effmlm.eval.heldout import build_heldout, unigram_counts
+
+    os.makedirs(a.runs_dir, exist_ok=True)
+    seq = int(c["model"][c["model"].index("--seq-length") + 1])
+    heldout = build_heldout(a.heldout, tok, seq, c["eval_sequences"])
+    counts = unigram_counts(a.unigram_data, tok.vocab_size)
+    runs, b_flops = plan_runs(a, c, tok.vocab_size)
+    results, t_start = [], time.time()
+    # ETA: each run costs a fixed part (evaluation, export, fine-tuning) plus pre-training in
+    # proportion to its budget; both rates are measured on the runs of this sitting.
+    overheads, pre_seconds, pre_budget = [], 0.0, 0.0
+    todo = [r for r in runs if not os.path.isfile(os.path.join(a.runs_dir, r[0], "result.json"))]
+    for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
+        path = os.path.join(a.runs_dir, name, "result.json")
+        if os.path.isfile(path):
+            results.append(_load(path))
+            print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
+            continue
+        left = todo[[r[0] for r in todo].index(name):]  # this run and the ones after it
+        eta = "after the first run" if not overheads else "after the first pre-training run"
+        if overheads and (pre_budget or not any(r[4] for r in left)):
+            sec = len(left) * statistics.mean(overheads)
+            sec += sum(r[4] for r in left) * (pre_seconds / pre_budget if pre_budget else 0.0)
+            eta = _hms(sec)
+        print(f"[{i}/{len(runs)}] {name}: running | elapsed {_hms(time.time() - t_start)} | ETA {eta}", flush=True)
+        t0 = time.time()
+        r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
+        results.append(r)
+        pre = r["stage_seconds"]["pretrain"]
+        overheads.append(r["seconds"] - pre)
+        if budget:
+            pre_seconds, pre_budget = pre_seconds + pre, pre_budget + budget
+        print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}, mean accuracy "
+              f"{r['mean_accuracy']:.3f}, {r['train_flops']:.2e} FLOPs, {r['train_seconds']:.0f} s training, "
+              f"{time.time() - t0:.0f} s in all", flush=True)
+    stem = write_outputs(a, c, results, b_flops)
+    print(f"results: {stem}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
