@@ -24,6 +24,11 @@ CASES = [  # script, a flag, the default its help line must show
     ("bench/preprocess.py", "--tokenizer-vocab", "8192"),
     ("bench/profile_step.py", "--steps", "3"),
     ("bench/step_time.py", "--mode", "all"),
+    ("bench/step_time.py", "--precisions", "fp32"),
+    ("bench/method_quality.py", "--config", "cpu"),
+    ("tools/build_corpus.py", "--output-dir", "data/corpus"),
+    ("tools/build_tasks.py", "--output-dir", "data/tasks"),
+    ("tools/eval_mlm.py", "--num-sequences", "512"),
 ]
 
 

@@ -18,12 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
 from megatron_effmlm.data.corpus import SOURCES, build_corpus  # noqa: E402
 from megatron_effmlm.data.errors import run_cli  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output-dir", default="data/corpus")
     p.add_argument("--data-dir", default="data", help="downloads are cached in <data-dir>/cache")
     p.add_argument("--sources", nargs="+", default=list(SOURCES), help=f"any of {' '.join(SOURCES)}")

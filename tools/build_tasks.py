@@ -16,12 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
 from megatron_effmlm.data.corpus_tasks import TASK_NAMES, build_tasks  # noqa: E402
 from megatron_effmlm.data.errors import DataError, run_cli  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--corpus-valid", default="data/corpus/valid.jsonl", help="held-out JSONL of tools/build_corpus.py")
     p.add_argument("--output-dir", default="data/tasks")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), help=f"any of {' '.join(TASK_NAMES)}")

@@ -22,9 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, help="--save folders (their latest) or iter_* folders")
     p.add_argument("--data", required=True, help="held-out JSONL (a 'text' per line; 'source' optional)")
     p.add_argument("--tokenizer-dir", required=True, help="the tokenizer every checkpoint was trained with")
