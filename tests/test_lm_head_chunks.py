@@ -127,3 +127,28 @@ def test_negative_chunk_size_is_refused(demo_data_prefix, demo_tokenizer_dir, te
     args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"))
     with pytest.raises(ConfigError, match=r"^--lm-head-chunk-size must be >= 0 \(0: no chunking\), got -1$"):
         parse_args(args + ["--lm-head-chunk-size", "-1"])
+
+
+def test_step_time_memory_mode_reports_the_chunked_head(repo_root, tmp_path, demo_tokenizer_dir, test_cache_dir):
+    """bench/step_time.py --mode memory: with the head in chunks, the fp32 logits of the m
+    predicted tokens (m x V x 4 bytes) are no longer saved for backward."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "bench/step_time.py", "--quick", "--mode", "memory", "--methods", "vanilla,3ml",
+                        "--results-dir", str(tmp_path), "--tag", "q",
+                        "--data-dir", test_cache_dir, "--tokenizer-vocab", "4096"],  # the suite's corpus and tokenizer
+                       cwd=repo_root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(tmp_path / "step_time_q.json"))
+    c = res["config"]
+    tokens = c["real_token_fraction"] * c["micro_batch_size"] * c["seq_length"]
+    for row in res["methods"]:
+        if row["method"] == "megatron-bert":
+            assert "saved_bytes_head_chunked" not in row
+            continue
+        logits = c["predicted_fraction"][row["method"]] * tokens * c["model_vocab_padded"] * 4
+        saved = row["saved_bytes"] - row["saved_bytes_head_chunked"]
+        assert 0.75 * logits < saved < 1.33 * logits, (row["method"], saved, logits)
