@@ -18,7 +18,10 @@ warm-up rounds first; the median per method is reported.
 
 Memory: one forward per method under `torch.autograd.graph.saved_tensors_hooks`, summing the
 bytes of the distinct storages saved for backward (parameters excluded); on CUDA also the
-peak of `torch.cuda.max_memory_allocated` over a whole step above the static state.
+peak of `torch.cuda.max_memory_allocated` over a whole step above the static state. Our methods
+are measured again with the LM head in chunks (`--memory-head-chunk`, the model's
+--lm-head-chunk-size): the chunks' logits are recomputed in backward, not saved (the head's
+[m, h] input rows, held by the chunks' checkpoints, are then not seen by the hook).
 
 Model FLOP/s (the FLOP model's FLOPs of the step over its median time) is reported as a fraction
 of this machine's own peak, measured in the same run by a timed large matrix product in the same
@@ -89,6 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--td-keep-ratio", type=float, default=0.5)
     p.add_argument("--sctd-interval", type=int, default=10)
     p.add_argument("--ltd-start", type=int, default=None, help="random-ltd kept length (its schedule's start; default 64, quick 16)")
+    p.add_argument("--lm-head-chunk-size", type=int, default=0,
+                   help="our models' --lm-head-chunk-size in every measurement (0: the head on all predicted rows at once)")
+    p.add_argument("--memory-head-chunk", type=int, default=256,
+                   help="memory mode: each of our methods' saved bytes also with the LM head in chunks of this many rows")
     p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
                    help="layer spec of our models (the baseline always uses bert_layer_local_spec)")
     p.add_argument("--precisions", default="fp32",
@@ -347,6 +354,7 @@ def build_runners(a, tok, batches, log):
             num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
             seq_length=a.seq_length, vocab_size=a.model_vocab, hidden_dropout=a.dropout,
             attention_dropout=a.dropout, transformer_impl=a.transformer_impl, decoder_layers=decoder,
+            lm_head_chunk_size=a.lm_head_chunk_size,
         )
         tconfig = build_transformer_config(mcfg, par, prec)
         if name == BASELINE:
@@ -779,11 +787,20 @@ def main(argv=None):
             log(f"WARNING: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} cores during the "
                 "timed rounds: other processes competed for the CPU; the medians are noisier than usual")
 
-    mem = {}
+    mem, mem_chunked = {}, {}
     if a.mode in ("all", "memory"):
         for r in runners:
             mem[(r.name, r.precision)] = (saved_activation_bytes(r), cuda_peak_bytes(r))
             log(f"memory {r.label:24s} saved-for-backward {mem[(r.name, r.precision)][0] / 2**20:8.1f} MiB")
+            if r.policy is not None and a.memory_head_chunk > 0:  # the chunked LM head (--lm-head-chunk-size)
+                from megatron_effmlm.model.builder import unwrap
+
+                inner = unwrap(r.model)
+                before, inner.lm_head_chunk_size = inner.lm_head_chunk_size, a.memory_head_chunk
+                mem_chunked[(r.name, r.precision)] = saved_activation_bytes(r)
+                inner.lm_head_chunk_size = before
+                log(f"memory {r.label:24s} saved-for-backward {mem_chunked[(r.name, r.precision)] / 2**20:8.1f} MiB "
+                    f"with the LM head in chunks of {a.memory_head_chunk}")
 
     peaks = {}
     if a.mode in ("all", "time"):
@@ -792,6 +809,9 @@ def main(argv=None):
             log(f"measured peak ({prec}, {'x'.join(map(str, a.peak_shape))} matrix product): "
                 f"{peaks[prec] / 1e9:.1f} GFLOP/s")
     rows = summarize(a, runners, mem, peaks)
+    for row in rows:
+        if (row["method"], row["precision"]) in mem_chunked:
+            row["saved_bytes_head_chunked"] = mem_chunked[(row["method"], row["precision"])]
     try:
         date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -809,6 +829,7 @@ def main(argv=None):
                        warmup=a.warmup, steps=a.steps, num_batches=a.num_batches, decoder_layers=a.decoder_layers,
                        td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval, ltd_start=a.ltd_start,
                        ltd_len=a.ltd_len, transformer_impl=a.transformer_impl, mode=a.mode,
+                       lm_head_chunk_size=a.lm_head_chunk_size, memory_head_chunk=a.memory_head_chunk,
                        optimizer="megatron-core get_megatron_optimizer(adam) -> "
                                  + type(runners[0].optimizer.optimizer).__name__,
                        real_token_fraction=real, predicted_fraction=masked),

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="bf16/fp16: attention mask and softmax in fp32 (Megatron-LM's flag; off: 16-bit, "
                         "torch's softmax kernels accumulate in fp32)")
+    g.add_argument("--lm-head-chunk-size", type=int, default=0,
+                   help="LM head and loss on chunks of N predicted tokens, each recomputed in backward: the "
+                        "fp32 logits of all predicted tokens never exist at once (0: off)")
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
                    help="layer spec: Transformer Engine where TE and a GPU exist (auto), else megatron-core's local")
@@ -302,6 +305,7 @@ def config_from_args(a) -> RunConfig:
         decoder_type=method_options.get("decoder_type", "self"),
         model_arch=a.model_arch,
         num_tokentypes=a.num_tokentypes,
+        lm_head_chunk_size=a.lm_head_chunk_size,
     )
     # after ModelConfig: an impossible architecture is the first thing to hear about
     from megatron_effmlm.model.backends import select_backends

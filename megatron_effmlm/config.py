@@ -50,6 +50,9 @@ class ModelConfig:
     # LayerNorm, as the original models (exported exactly to BertForMaskedLM / RobertaForMaskedLM)
     model_arch: str = "megatron-bert"
     num_tokentypes: int = 0  # token-type embeddings (2 with --bert-binary-head; imported HF models keep theirs)
+    # The LM head + loss on chunks of this many predicted rows, each recomputed in backward
+    # (never all [m, V/tp] fp32 logits at once); 0: all rows at once.
+    lm_head_chunk_size: int = 0
 
     @property
     def post_layernorm(self) -> bool:
@@ -70,6 +73,8 @@ class ModelConfig:
                 f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                 f"{self.max_position_embeddings} (the position table)"
             )
+        if self.lm_head_chunk_size < 0:
+            raise ConfigError(f"--lm-head-chunk-size must be >= 0 (0: no chunking), got {self.lm_head_chunk_size}")
         if self.model_arch not in MODEL_ARCHS:
             raise ConfigError(f"--model-arch {self.model_arch!r}: choose one of {', '.join(MODEL_ARCHS)}")
         if self.post_layernorm and self.transformer_impl == "transformer_engine":

@@ -45,6 +45,7 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
                 decoder_layer_spec=decoder_spec(model_cfg) if model_cfg.decoder_layers else None,
                 post_layernorm=model_cfg.post_layernorm,
                 num_tokentypes=model_cfg.num_tokentypes,
+                lm_head_chunk_size=model_cfg.lm_head_chunk_size,
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():

@@ -45,11 +45,18 @@ class LiveSet:
         return LiveSet(idx, padding_mask.bool(), identity=True)
 
     @staticmethod
-    def from_mask(mask: Tensor) -> "LiveSet":
-        """Positions where mask [b, T] is True, in position order, padded to the row maximum."""
+    def from_mask(mask: Tensor, n: Optional[int] = None) -> "LiveSet":
+        """Positions where mask [b, T] is True, in position order, padded to n slots.
+
+        n: a bound on every row's count known without reading the mask (from the batch shape and
+        the method's ratios, in Python ints), so no host sync; it must not be below any row's
+        count (unchecked: checking would read the mask). None: the rows' maximum, read on the
+        host (a sync on a GPU), where no such bound exists (3ML's unmasked tokens)."""
         b, T = mask.shape
         count = mask.sum(1)
-        n = max(int(count.max()), 1)
+        if n is None:
+            n = int(count.max())
+        n = max(n, 1)
         # stable sort puts the selected positions first, in position order
         key = (~mask).to(torch.int8)
         order = torch.sort(key, dim=1, stable=True).indices[:, :n]

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Dict, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from megatron.core import tensor_parallel
@@ -60,8 +61,12 @@ class MLMModel(LanguageModule):
         decoder_layer_spec=None,
         post_layernorm: bool = False,
         num_tokentypes: int = 0,
+        lm_head_chunk_size: int = 0,
     ):
         super().__init__(config=config)
+        # > 0: the LM head and loss run on chunks of this many predicted rows, each recomputed in
+        # backward, so the [m, V/tp] fp32 logits never exist in full (chunked_head_losses).
+        self.lm_head_chunk_size = lm_head_chunk_size
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = vocab_size
         self.position_embedding_type = position_embedding_type
@@ -312,15 +317,41 @@ class MLMModel(LanguageModule):
         predicted = runner.predicted_states(hidden, flat_idx)  # [m, h]
         predicted = self.lm_head(predicted).unsqueeze(1)  # [m, 1, h]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(predicted, weight=weight)  # [m, 1, V/tp]
         target = labels.reshape(-1)[flat_idx]  # [m]
-        lm_losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.unsqueeze(1)).squeeze(1)
+        lm_losses = chunked_head_losses(self.output_layer, predicted, weight, target, self.lm_head_chunk_size)
         out = MLMOutput(lm_losses=lm_losses, labels=target)
         if self.add_binary_head and is_random is not None:
             pooled = self.pooler(runner_full_first_token(hidden, runner), 0)  # [b, h]
             binary_logits = self.binary_head(pooled).float()
             out.binary_loss = torch.nn.functional.cross_entropy(binary_logits, is_random.long(), reduction="none")
         return out
+
+
+def head_losses(output_layer, predicted: Tensor, weight: Optional[Tensor], target: Tensor) -> Tensor:
+    """[m] cross-entropy of [m, 1, h] predicted rows: the output layer, then megatron-core's
+    vocab-parallel cross-entropy in fp32 (max and sum-exp all-reduced over the TP group)."""
+    logits, _ = output_layer(predicted, weight=weight)  # [m, 1, V/tp]
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.unsqueeze(1)).squeeze(1)
+
+
+def chunked_head_losses(output_layer, predicted: Tensor, weight: Optional[Tensor], target: Tensor,
+                        chunk: int) -> Tensor:
+    """head_losses over chunks of `chunk` rows (0: all rows at once). Under autograd each chunk
+    is a non-reentrant checkpoint: its logits and softmax are freed after its loss and
+    recomputed in backward, so at most one chunk's [chunk, V/tp] logits exist at a time instead
+    of all m rows' (the price: the head's forward GEMM runs twice). Every TP rank runs the same
+    chunks in the same order, so the recompute's all-reduces pair up."""
+    if chunk <= 0 or (chunk >= predicted.shape[0] and not torch.is_grad_enabled()):
+        return head_losses(output_layer, predicted, weight, target)
+    losses = []
+    # split, not slicing: its backward concatenates the chunks' input gradients once
+    for x, t in zip(torch.split(predicted, chunk), torch.split(target, chunk)):
+        if torch.is_grad_enabled():
+            losses.append(torch.utils.checkpoint.checkpoint(
+                head_losses, output_layer, x, weight, t, use_reentrant=False, preserve_rng_state=False))
+        else:
+            losses.append(head_losses(output_layer, x, weight, t))
+    return torch.cat(losses)
 
 
 def runner_full_first_token(hidden: Tensor, runner: PlanRunner) -> Tensor:

@@ -79,7 +79,8 @@ class Policy:
         """(loss summed over predicted tokens, number of predicted tokens, report).
 
         The schedule divides the step's gradient by the global number of predicted tokens."""
-        num_tokens = torch.tensor(out.lm_losses.numel(), dtype=torch.int, device=out.lm_losses.device)
+        # a fill on the device, not a copy of a host number (a blocking copy would sync a GPU)
+        num_tokens = torch.full((), out.lm_losses.numel(), dtype=torch.int, device=out.lm_losses.device)
         lm_sum = out.lm_losses.sum()
         total = lm_sum
         report = {"lm loss": torch.stack([lm_sum.detach(), num_tokens.float()])}
@@ -101,6 +102,18 @@ class Policy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def static_width(n: int) -> Optional[int]:
+    """n: a live set's width known from the batch shape and the method's ratios, to pad to
+    instead of the batch's own maximum count (whose read would stall a GPU's queue). Under
+    pipeline parallelism None (that maximum): the stages exchange the carry's shape on the host
+    anyway, and a padded live set would be sent with its padding."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        return None
+    return n
 
 
 def real_positions(batch) -> LiveSet:

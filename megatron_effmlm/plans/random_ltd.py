@@ -13,7 +13,7 @@ import torch
 
 from megatron_effmlm.config import ConfigError
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Policy, real_positions, register
+from megatron_effmlm.plans.base import Policy, real_positions, register, static_width
 
 
 def ltd_length(step: int, seq_len: int, start: int, steps: int, granularity: int) -> int:
@@ -61,7 +61,7 @@ class RandomLTDPolicy(Policy):
         scores = uniform_hash(text, self.seed, step, layer).masked_fill(~pad, -1.0)
         top = scores.topk(min(keep, T), dim=1).indices
         mask = torch.zeros_like(pad).scatter_(1, top, True) & pad
-        return LiveSet.from_mask(mask)
+        return LiveSet.from_mask(mask, n=static_width(min(keep, T)))  # no row keeps more
 
     def plan(self, batch, step):
         if not self.training:

@@ -61,7 +61,7 @@ class ScTDPolicy(TokenDropPolicy):
             return super().loss(out)
         self.record(out)
         full = out.consistency
-        n = torch.tensor(out.lm_losses.numel(), dtype=torch.int, device=out.lm_losses.device)
+        n = torch.full((), out.lm_losses.numel(), dtype=torch.int, device=out.lm_losses.device)
         drop_sum = out.lm_losses.sum()
         full_sum = drop_sum if self.code_compat else full.lm_losses.sum()
         kls = [consistency_kl(out.captured[l], full.captured[l]) for l in self.captured_layers]

@@ -12,12 +12,13 @@ token id that was a label: I[y] <- beta * I[y] + (1 - beta) * mean loss of its p
 the step (summed over micro-batches and data-parallel ranks, so every rank keeps the same table).
 """
 
+import numpy
 import torch
 import torch.distributed as dist
 
 from megatron_effmlm.config import ConfigError
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Policy, real_positions, register
+from megatron_effmlm.plans.base import Policy, real_positions, register, static_width
 
 PIN = 1e4
 
@@ -32,7 +33,14 @@ def select_kept(scores, padding_mask, keep_ratio: float) -> LiveSet:
     k = (pad.sum(1).float() * keep_ratio).round().clamp(min=1).long()  # [b]
     keep = torch.zeros_like(pad)
     keep.scatter_(1, order, torch.arange(T, device=scores.device).expand(b, T) < k[:, None])
-    return LiveSet.from_mask(keep & pad)
+    return LiveSet.from_mask(keep & pad, n=static_width(kept_bound(T, keep_ratio)))
+
+
+def kept_bound(seq_len: int, keep_ratio: float) -> int:
+    """The largest k select_kept can give a row of `seq_len` positions, from Python numbers (no
+    host read of the batch): the same float32 product and round-half-even as above, at n = T
+    (both are monotonic in n)."""
+    return min(seq_len, max(1, int(numpy.rint(numpy.float32(seq_len) * numpy.float32(keep_ratio)))))
 
 
 @register("token-drop")
@@ -60,8 +68,17 @@ class TokenDropPolicy(Policy):
     def drop_layer(self) -> int:
         return self.num_layers // 2 - 1
 
+    def _table_on(self, device):
+        """The table on the batches' device, copied again only when it changed (after a step):
+        not a host-to-device copy per micro-batch (a blocking one syncs a GPU)."""
+        src, version = self.importance, self.importance._version
+        c = getattr(self, "_table", None)
+        if c is None or c[0] is not src or c[1] != version or c[2] != device:
+            self._table = (src, version, device, src.to(device))
+        return self._table[3]
+
     def kept(self, batch) -> LiveSet:
-        scores = self.importance.to(batch["text"].device)[batch["text"]]
+        scores = self._table_on(batch["text"].device)[batch["text"]]
         return select_kept(scores, batch["padding_mask"], self.keep_ratio)
 
     def drop_plan(self, batch) -> TokenPlan:
