@@ -32,6 +32,17 @@ def _is_bool_index(idx) -> bool:
     return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
 
 
+class _BoolGetitem(torch.overrides.TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and _is_bool_index(args[1]):
+            self.counter.reads[self.counter._where("__getitem__")] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class HostReads:
     """Counts each host read of a tensor value as 'file:function:read' of the first caller frame
     outside torch (ours or megatron-core's), by wrapping the reading methods of torch.Tensor and
@@ -45,6 +56,7 @@ class HostReads:
 
     def _wrap(self, owner, name, counts=lambda args: True):
         orig = getattr(owner, name)
+        own = name in vars(owner)  # else inherited (torch._C.TensorBase): restore by deleting ours
 
         def wrapper(*args, **kwargs):
             # a TorchFunctionMode (compat/cpu.py's) re-dispatches a call already counted
@@ -52,7 +64,7 @@ class HostReads:
                 self.reads[self._where(name)] += 1
             return orig(*args, **kwargs)
 
-        self._saved.append((owner, name, orig))
+        self._saved.append((owner, name, orig, own))
         setattr(owner, name, wrapper)
 
     def __enter__(self):
@@ -60,13 +72,21 @@ class HostReads:
             self._wrap(torch.Tensor, name)
         for name in TORCH_READS:
             self._wrap(torch, name)
-        for name in ("__getitem__", "__setitem__"):  # indexing with a boolean mask: a nonzero
-            self._wrap(torch.Tensor, name, lambda args: _is_bool_index(args[1]))
+        # assigning through a boolean mask: a nonzero
+        self._wrap(torch.Tensor, "__setitem__", lambda args: _is_bool_index(args[1]))
+        # reading through one: a TorchFunctionMode (forward only), because a __getitem__ set on
+        # the class and removed again leaves it a sequence type to torch.tensor()
+        self._getitem = _BoolGetitem(self)
+        self._getitem.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for owner, name, orig in reversed(self._saved):
-            setattr(owner, name, orig)
+        self._getitem.__exit__(*exc)
+        for owner, name, orig, own in reversed(self._saved):
+            if own:
+                setattr(owner, name, orig)
+            else:
+                delattr(owner, name)
         self._saved.clear()
 
     @staticmethod

@@ -68,8 +68,7 @@ class ScTDPolicy(TokenDropPolicy):
         # Sums only: the schedule divides the whole by the global predicted-token count, as the
         # published code's one normaliser (a KL scaled per micro-batch would depend on the split).
         total = 0.5 * drop_sum + 0.5 * full_sum + self.kl_weight * sum(kls)
-        rows = torch.tensor(out.captured[self.captured_layers[0]].shape[0], dtype=torch.float,
-                            device=n.device)
+        rows = torch.full((), out.captured[self.captured_layers[0]].shape[0], dtype=torch.float, device=n.device)
         report = {
             "lm loss": torch.stack([drop_sum.detach(), n.float()]),
             "full lm loss": torch.stack([full.lm_losses.sum().detach(), n.float()]),
