@@ -5,10 +5,11 @@ Layout under `--save DIR`:
     DIR/latest_checkpointed_iteration.txt
 A checkpoint is written to `iter_XXXXXXX.tmp` and renamed only after every rank finished,
 and the tracker file is replaced atomically after that: a crash or SIGTERM mid-save leaves
-the previous checkpoint as the one `--load` picks. Loading goes through torch's
-weights-only unpickler (dist_checkpointing's common state) and torch_dist shards, and
-torch DCP's `.metadata` pickle is first read with an unpickler that admits only checkpoint
-metadata classes: no arbitrary objects are unpickled. A partial or corrupt latest
+the previous checkpoint as the one `--load` picks. Before anything reads a checkpoint,
+`check_safe` reads every pickle in it without building arbitrary objects: torch DCP's
+`.metadata` with an unpickler that admits only checkpoint metadata classes, `common.pt` and
+every non-tensor item of every `.distcp` shard (which torch DCP's default planner would read
+with weights_only=False) with torch's weights-only unpickler. A partial or corrupt latest
 checkpoint is skipped with a warning naming it, and the previous complete one is loaded.
 """
 
@@ -235,25 +236,67 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _check_safe_pickles(path: str):
-    """Raise UnsafeCheckpointError if `.metadata` or `common.pt` hold arbitrary objects (other
-    read errors propagate as they are: a corrupt file). Shards are read by torch DCP with
-    torch.load(weights_only=True)."""
+def _refuse(path: str, error: pickle.UnpicklingError):
+    """UnsafeCheckpointError for torch's weights-only refusal of `path`; other errors as they are."""
+    # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
+    if "Weights only load failed" in str(error) and "global" in str(error).lower():
+        first = next((l for l in str(error).splitlines()[1:] if "global" in l.lower()), "")
+        return UnsafeCheckpointError(f"refusing to load {path}: it would unpickle an arbitrary object "
+                                     f"({first.strip()[:200]}); only tensors are loaded")
+    return error
+
+
+class _BytesChecker:
+    """Stands in for the load planner in FileSystemReader.read_data: torch DCP's default
+    planner unpickles a shard's non-tensor (BYTE_IO) items with torch.load(weights_only=False);
+    this one reads the same bytes with the weights-only unpickler, and keeps nothing."""
+
+    def __init__(self, path: str, storage_data):
+        self.path, self.storage_data = path, storage_data
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            shard = os.path.join(self.path, self.storage_data[read_item.storage_index].relative_path)
+            raise _refuse(shard, e) from None
+
+
+def check_safe(path: str):
+    """Raise UnsafeCheckpointError unless reading checkpoint directory `path` unpickles only
+    tensors and checkpoint metadata: `.metadata` (plain pickle in torch DCP), `common.pt`, and
+    every non-tensor item of every `.distcp` shard (torch DCP's default planner reads those with
+    weights_only=False). Tensor items are read by torch DCP with weights_only=True. Other read
+    errors propagate as they are (a corrupt file). Call it before anything else reads `path`."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    info = os.path.join(path, "metadata.json")
+    if os.path.exists(info):  # another backend would be read by other (unchecked) code
+        with open(info) as f:
+            backends = json.load(f)
+        if (backends.get("sharded_backend"), backends.get("common_backend")) != ("torch_dist", "torch"):
+            raise UnsafeCheckpointError(f"refusing to load {path}: {info} names backends {backends.get('sharded_backend')!r}"
+                                        f"/{backends.get('common_backend')!r}; only torch_dist/torch are loaded")
     meta = os.path.join(path, ".metadata")
     if os.path.exists(meta):
         with open(meta, "rb") as f:
-            _MetadataUnpickler(f, meta).load()
+            metadata = _MetadataUnpickler(f, meta).load()
+        items = [ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn), dest_offsets=torch.Size((0,)),
+                          storage_index=MetadataIndex(fqn), storage_offsets=torch.Size((0,)), lengths=torch.Size((0,)))
+                 for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
+        reader = FileSystemReader(path)
+        reader.set_up_storage_reader(metadata, is_coordinator=True)
+        reader.read_data(LoadPlan(items), _BytesChecker(path, metadata.storage_data)).wait()
     common = os.path.join(path, "common.pt")
     if os.path.exists(common):
         try:
             torch.load(common, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
-            if "Weights only load failed" in str(e) and "global" in str(e).lower():
-                first = next((l for l in str(e).splitlines()[1:] if "global" in l.lower()), "")
-                raise UnsafeCheckpointError(f"refusing to load {common}: it would unpickle an arbitrary object "
-                                            f"({first.strip()[:200]}); only tensors are loaded") from None
-            raise
+            raise _refuse(common, e) from None
 
 
 def _describe(error) -> str:
@@ -318,7 +361,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
                   "falling back to the previous one")
             continue
         try:
-            _check_safe_pickles(path)
+            check_safe(path)
             common = dist_checkpointing.load_common_state_dict(path)
             weights_only = not common.get("has_optimizer", True)
             _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else ())

@@ -31,7 +31,7 @@ def find_checkpoint(root: str):
     """(checkpoint directory, its common state) for `root` (a --save folder or one iteration)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError, find_latest
+    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError, check_safe, find_latest
 
     if not os.path.isdir(root):
         raise ExportError(f"--checkpoint {root}: no such directory")
@@ -42,6 +42,7 @@ def find_checkpoint(root: str):
     if path is None:
         raise ExportError(f"--checkpoint {root} is not a checkpoint: no latest_checkpointed_iteration.txt "
                           "and no dist_checkpointing metadata (point it at a --save folder or one iter_* folder)")
+    check_safe(path)  # before anything reads a pickle of it
     common = dist_checkpointing.load_common_state_dict(path)
     if "run_info" not in common:
         raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an older "

@@ -23,6 +23,7 @@ class HFImportError(ConversionError):
 
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TYPE_TO_TARGET = {v[0]: k for k, v in TARGETS.items()}
 
 
@@ -125,7 +126,13 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     tokenizer = EffMLMTokenizer.from_dir(os.path.join(tmp, "tokenizer"))
     tok_dir = os.path.abspath(os.path.join(output, "tokenizer"))  # where it will be
 
-    hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHT_FILES):
+        raise HFImportError(f"--hf-dir {folder} has no weights: none of {', '.join(WEIGHT_FILES)}")
+    try:  # transformers reads .bin files with torch.load(weights_only=True): no arbitrary objects
+        hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    except Exception as e:  # a truncated or corrupt weights file: safetensors/torch/transformers errors
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise HFImportError(f"--hf-dir {folder}: cannot read the weights ({type(e).__name__}: {first})") from None
     if info["missing_keys"]:
         raise HFImportError(f"--hf-dir {folder}: weights missing from the folder ({', '.join(info['missing_keys'][:4])}"
                            " ...); an encoder-only model has no MLM head to continue pre-training with")

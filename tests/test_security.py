@@ -1,0 +1,136 @@
+"""Security: no file of a checkpoint or model folder can run code, at any entry point
+(pretrain_effmlm.py --load, tools/export_hf.py), and a broken HF folder is a clear error.
+
+The payload is harmless: unpickling it would `touch` a marker file."""
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO_ROOT, tiny_model_args
+
+PLACES = [".metadata", "common.pt", "shard"]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def small_ck(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """One process, 2 steps, saved at iteration 2."""
+    tmp = tmp_path_factory.mktemp("security")
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
+                           **{"--train-iters": 2})
+    ck = str(tmp / "ck")
+    r = subprocess.run([PYTHON, "pretrain_effmlm.py", *args, "--save", ck], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ck, args
+
+
+def plant(iter_dir: str, where: str, marker: str) -> str:
+    """Put the payload into one file of checkpoint `iter_dir`; returns the file's path."""
+    target = os.path.join(iter_dir, where)
+    if where == ".metadata":  # torch DCP reads this one with plain pickle
+        open(target, "wb").write(pickle.dumps(_Evil(marker), protocol=2))
+    elif where == "common.pt":
+        torch.save({"iteration": 2, "payload": _Evil(marker)}, target)
+    else:  # a non-tensor item of a .distcp shard (the RNG state): appended, and .metadata points at it
+        meta_path = os.path.join(iter_dir, ".metadata")
+        meta = pickle.load(open(meta_path, "rb"))
+        key = next(k for k in meta.storage_data if k.fqn.startswith("rng_state"))
+        info = meta.storage_data[key]
+        target = os.path.join(iter_dir, info.relative_path)
+        buf = io.BytesIO()
+        torch.save({"torch": _Evil(marker)}, buf)
+        offset = os.path.getsize(target)
+        with open(target, "ab") as f:
+            f.write(buf.getvalue())
+        meta.storage_data[key] = dataclasses.replace(info, offset=offset, length=len(buf.getvalue()))
+        pickle.dump(meta, open(meta_path, "wb"))
+    return target
+
+
+def _one_error(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_crafted_checkpoint_never_runs_code_on_load(tmp_path, small_ck):
+    """Every file torch DCP / dist_checkpointing unpickles, through pretrain_effmlm.py --load."""
+    ck, args = small_ck
+    cases, targets = {}, {}
+    for where in PLACES:
+        root = str(tmp_path / where.strip("."))
+        shutil.copytree(ck, root)
+        targets[where] = plant(os.path.join(root, "iter_0000002"), where, str(tmp_path / f"PWNED_{where}"))
+        cases[where] = [*args, "--load", root, "--train-iters", "3"]
+    r = subprocess.run([PYTHON, "tests/cli_error_runner.py", "-", "-"], input=json.dumps(cases), cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    for where in PLACES:
+        code, err = got[where]
+        assert not os.path.exists(tmp_path / f"PWNED_{where}"), where
+        assert code == 2, err[-3000:]
+        assert _one_error(err).startswith(f"error: refusing to load {targets[where]}: it would unpickle "), where
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_crafted_checkpoint_never_runs_code_on_export(tmp_path, small_ck, where):
+    ck, _ = small_ck
+    root, marker = str(tmp_path / "ck"), str(tmp_path / "PWNED")
+    shutil.copytree(ck, root)
+    target = plant(os.path.join(root, "iter_0000002"), where, marker)
+    r = subprocess.run([PYTHON, "tools/export_hf.py", "--checkpoint", root, "--output-dir", str(tmp_path / "hf")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert not os.path.exists(marker)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert _one_error(r.stderr).startswith(f"error: refusing to load {target}: it would unpickle ")
+    assert not os.path.exists(tmp_path / "hf")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, small_ck):
+    out = str(tmp_path_factory.mktemp("security_hf") / "hf")
+    r = subprocess.run([PYTHON, "tools/export_hf.py", "--checkpoint", small_ck[0], "--output-dir", out],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("damage", ["header", "data", "none"])
+def test_import_of_a_broken_weights_file_is_a_clear_error(tmp_path, hf_folder, damage):
+    folder = str(tmp_path / "hf")
+    shutil.copytree(hf_folder, folder)
+    weights = os.path.join(folder, "model.safetensors")
+    if damage == "none":
+        os.remove(weights)
+    else:  # cut inside the header, or inside the tensors' data
+        os.truncate(weights, 100 if damage == "header" else os.path.getsize(weights) * 9 // 10)
+    r = subprocess.run([PYTHON, "tools/import_hf.py", "--hf-dir", folder, "--output", str(tmp_path / "ck")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    if damage == "none":
+        assert _one_error(r.stderr) == (f"error: --hf-dir {folder} has no weights: none of model.safetensors, "
+                                        "model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json")
+    else:
+        assert _one_error(r.stderr).startswith(f"error: --hf-dir {folder}: cannot read the weights (SafetensorError: ")
+    assert not os.path.exists(tmp_path / "ck")
