@@ -47,6 +47,7 @@ class TrainConfig:
     eval_iters: int = 10
     save: Optional[str] = None
     load: Optional[str] = None
+    overwrite_save: bool = False  # a fresh run may write over another run's checkpoints in --save
     save_interval: int = 0
     tensorboard_dir: Optional[str] = None
     seed: int = 1234
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let a run that does not --load the --save folder write over the checkpoints there "
+                        "(refused by default: they belong to another run)")
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--seed", type=int, default=1234)
@@ -292,7 +296,7 @@ def config_from_args(a) -> RunConfig:
         method=a.method, method_options=method_options, micro_batch_size=a.micro_batch_size,
         global_batch_size=a.global_batch_size or a.micro_batch_size, train_iters=a.train_iters,
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
-        load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
+        load=a.load, overwrite_save=a.overwrite_save, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
         exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
         peak_tflops=a.peak_tflops, exit_signal_handler=a.exit_signal_handler,
         exit_duration_in_mins=a.exit_duration_in_mins, max_skipped_iterations=a.max_skipped_iterations,

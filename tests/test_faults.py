@@ -217,3 +217,39 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, com
     assert open(os.path.join(ck, TRACKER)).read().strip() == str(k)
     assert sorted(os.listdir(ck)) == [f"iter_{k:07d}", TRACKER]  # one checkpoint, nothing half-written
     assert open(code_file).read().strip() == "75"
+
+
+def test_kill9_of_the_trainer_during_a_save_leaves_no_writer_process(tmp_path, demo_data_prefix, demo_tokenizer_dir,
+                                                                     test_cache_dir):
+    """dist_checkpointing's writer processes (forked per write bucket, and a spawned
+    multiprocessing Manager with its resource tracker) die with the trainer."""
+    ck = str(tmp_path / "ck")
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 100000, "--save-interval": 1, "--log-interval": 1000})
+    proc = subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args, "--save", ck], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    seen = set()
+    try:
+        deadline = time.time() + 240
+        while not (os.path.isdir(os.path.join(ck, "iter_0000003.tmp")) and len(seen) >= 2):  # the third save
+            assert proc.poll() is None and time.time() < deadline
+            try:
+                seen |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 5
+        alive = seen
+        while alive and time.time() < deadline:
+            alive = {p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+            time.sleep(0.1)
+    finally:
+        for pid in seen:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    assert not alive, [" ".join(psutil.Process(p).cmdline())[:200] for p in alive if psutil.pid_exists(p)]

@@ -1,5 +1,6 @@
-"""Security: no file of a checkpoint or model folder can run code, at any entry point
-(pretrain_effmlm.py --load, tools/export_hf.py), and a broken HF folder is a clear error.
+"""Security and the user's files: no file of a checkpoint or model folder can run code, at any
+entry point (pretrain_effmlm.py --load, tools/export_hf.py), a broken HF folder is a clear
+error, and no tool deletes or writes over what it did not write.
 
 The payload is harmless: unpickling it would `touch` a marker file."""
 
@@ -134,3 +135,68 @@ def test_import_of_a_broken_weights_file_is_a_clear_error(tmp_path, hf_folder, d
     else:
         assert _one_error(r.stderr).startswith(f"error: --hf-dir {folder}: cannot read the weights (SafetensorError: ")
     assert not os.path.exists(tmp_path / "ck")
+
+
+# ----- nothing the user had is lost -----
+
+def _tree(path):
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(path) for f in files}
+
+
+def test_export_never_deletes_a_folder_it_did_not_write(tmp_path, small_ck, hf_folder, mcore_single):
+    from megatron_effmlm.hf.convert import ConversionError
+    from megatron_effmlm.hf.export import EXPORT_MARK, export
+
+    ck = str(tmp_path / "ck")
+    shutil.copytree(small_ck[0], ck)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    for out, why in ((ck, f"is not empty and is not an earlier export of this tool (no {EXPORT_MARK})"),
+                     (str(notes), f"is not empty and is not an earlier export of this tool (no {EXPORT_MARK})")):
+        before = _tree(out)
+        with pytest.raises(ConversionError) as e:
+            export(ck, out)  # into the checkpoint being exported, or a folder of the user's
+        assert str(e.value) == f"--output-dir {out} {why}; choose a new or empty folder"
+        assert _tree(out) == before
+    # An earlier export is replaced; one the user added a file to is not.
+    again = str(tmp_path / "again")
+    shutil.copytree(hf_folder, again)
+    export(ck, again)
+    assert sorted(os.listdir(again)) == sorted(os.listdir(hf_folder))
+    (tmp_path / "again" / "results.json").write_text("{}")
+    before = _tree(again)
+    with pytest.raises(ConversionError) as e:
+        export(ck, again)
+    assert str(e.value) == (f"--output-dir {again} holds files an earlier export did not write (results.json); "
+                            "choose a new or empty folder")
+    assert _tree(again) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export(ck, str(empty))
+    assert os.path.isfile(empty / EXPORT_MARK)
+    assert sorted(os.listdir(tmp_path)) == ["again", "ck", "empty", "notes"]  # no temporary folder left
+
+
+def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tmp_path, small_ck):
+    ck, args = small_ck
+    other = str(tmp_path / "ck")
+    shutil.copytree(ck, other)
+    before = _tree(other)
+    r = subprocess.run([PYTHON, "tests/cli_error_runner.py", "-", "-"], input=json.dumps({
+        "fresh": [*args, "--save", other], "overwrite": [*args, "--save", other, "--overwrite-save",
+                                                         "--train-iters", "1"]}),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    code, err = got["fresh"]
+    assert code == 2, err[-3000:]
+    assert _one_error(err) == (f"error: --save {other} already holds checkpoints of another run (latest: iteration "
+                               f"2): continue that run with --load {other}, choose another --save folder, or pass "
+                               "--overwrite-save to write over them")
+    code, err = got["overwrite"]
+    assert code == 0, err[-3000:]
+    assert open(os.path.join(other, "latest_checkpointed_iteration.txt")).read().strip() == "1"
+    assert _tree(os.path.join(other, "iter_0000002")) == {k[len("iter_0000002/"):]: v for k, v in before.items()
+                                                          if k.startswith("iter_0000002/")}

@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_effmlm.checkpoint.lifeline import die_with_parent
 from megatron_effmlm.model.builder import unwrap
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,40 @@ def _sharded_state_dict(model, optimizer, scheduler, extra: dict, rng=None, is_l
     return sd
 
 
+_writers_guarded = False
+
+
+def _guard_writer_processes():
+    """dist_checkpointing's torch_dist writer forks one process per write bucket and keeps a
+    spawn-context multiprocessing Manager (its results queue) for the process's lifetime:
+    after a SIGKILL of the trainer they would live on (and keep writing into iter_*.tmp).
+    Forked children set PDEATHSIG at fork; the Manager is started here with it as initializer,
+    in the module global its writer creates lazily."""
+    global _writers_guarded
+    if _writers_guarded:
+        return
+    _writers_guarded = True
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    forking = {}
+    os.register_at_fork(before=lambda: forking.__setitem__("pid", os.getpid()),
+                        after_in_child=lambda: die_with_parent(forking["pid"]))
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._effmlm_manager = manager  # keep it referenced: its finalizer stops the server
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save atomically; returns the final directory. `extra` holds plain values/tensors
     (iteration, consumed samples, the method's state)."""
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
+    _guard_writer_processes()
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
@@ -175,6 +205,23 @@ def find_candidates(root: str):
         _warn(f"{tracker}: expected an iteration number, found {text!r}; trying the checkpoints on disk")
         return [checkpoint_dir(root, i) for i in _iterations_on_disk(root)]
     return [checkpoint_dir(root, iteration)] + [checkpoint_dir(root, i) for i in _iterations_on_disk(root) if i < iteration]
+
+
+def check_save_dir(save, load, overwrite: bool = False):
+    """Refuse a run that would write over another run's checkpoints: `save` holds checkpoints
+    and the run does not continue from them (`load` is not `save` or a checkpoint in it)."""
+    if not save or overwrite or not os.path.isdir(save):
+        return
+    save_abs = os.path.abspath(save)
+    if load and (os.path.abspath(load) + os.sep).startswith(save_abs + os.sep):
+        return  # continuing what is there
+    held = _iterations_on_disk(save)
+    if not held and not os.path.exists(os.path.join(save, TRACKER)):
+        return
+    latest = f" (latest: iteration {held[0]})" if held else ""
+    raise CheckpointError(f"--save {save} already holds checkpoints of another run{latest}: continue that run "
+                          f"with --load {save}, choose another --save folder, or pass --overwrite-save to write "
+                          "over them")
 
 
 def find_latest(root: str):

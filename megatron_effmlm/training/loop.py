@@ -62,6 +62,7 @@ class Trainer:
         # build is then honoured after the first step instead of killing the process.
         self.stop = stop or StopRequests(False, cfg.train.exit_duration_in_mins)
         par, t = cfg.parallel, cfg.train
+        dist_ckpt.check_save_dir(t.save, t.load, t.overwrite_save)  # before any compute
         # The layout is checked before megatron-core sees it: one clear error, not its assert.
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp_size = check_layout(cfg, world)
