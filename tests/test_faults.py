@@ -253,3 +253,42 @@ def test_kill9_of_the_trainer_during_a_save_leaves_no_writer_process(tmp_path, d
             except psutil.Error:
                 pass
     assert not alive, [" ".join(psutil.Process(p).cmdline())[:200] for p in alive if psutil.pid_exists(p)]
+
+
+def test_a_stopped_rank_ends_the_others_after_the_distributed_timeout(tmp_path, demo_data_prefix, demo_tokenizer_dir,
+                                                                     test_cache_dir):
+    """SIGSTOP one of two ranks (a hung node): the live one leaves its data-parallel all-reduce
+    (a megatron-core group) after --distributed-timeout-minutes, with one clear error."""
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 100000, "--distributed-timeout-minutes": 0.25})
+    port = _free_port()
+    procs, logs = [], []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+        logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
+        procs.append(subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args], cwd=REPO_ROOT, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, env=env))
+    try:
+        deadline = time.time() + 180
+        while "iter      3/" not in open(tmp_path / "rank0.log").read():
+            assert time.time() < deadline and procs[0].poll() is None, open(tmp_path / "rank0.log").read()[-3000:]
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        t = time.time()
+        try:
+            code = procs[0].wait(timeout=120)  # megatron-core's groups default to 30 minutes
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.time() - t
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = open(tmp_path / "rank0.log").read()
+    assert code == 1, f"the live rank still waits {took:.0f} s after its peer stopped: " + text[-2000:]
+    errors = [l for l in text.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "), text[-3000:]
+    assert 10 < took < 60, took
+    print(f"live rank exited {took:.1f} s after its peer was stopped")
