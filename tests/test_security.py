@@ -30,10 +30,10 @@ class _Evil:
 
 @pytest.fixture(scope="module")
 def small_ck(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
-    """One process, 2 steps, saved at iteration 2."""
+    """One process, 2 steps, saved at iterations 1 and 2."""
     tmp = tmp_path_factory.mktemp("security")
     args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
-                           **{"--train-iters": 2})
+                           **{"--train-iters": 2, "--save-interval": 1})
     ck = str(tmp / "ck")
     r = subprocess.run([PYTHON, "pretrain_effmlm.py", *args, "--save", ck], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
@@ -200,3 +200,21 @@ def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tmp_path, small_
     assert open(os.path.join(other, "latest_checkpointed_iteration.txt")).read().strip() == "1"
     assert _tree(os.path.join(other, "iter_0000002")) == {k[len("iter_0000002/"):]: v for k, v in before.items()
                                                           if k.startswith("iter_0000002/")}
+
+
+def test_export_falls_back_to_the_complete_earlier_checkpoint(tmp_path, small_ck):
+    """The latest iteration lacks a shard (or has one cut short): export takes the one before, as --load does."""
+    root = str(tmp_path / "ck")
+    shutil.copytree(small_ck[0], root)
+    latest = os.path.join(root, "iter_0000002")
+    shards = sorted(f for f in os.listdir(latest) if f.endswith(".distcp"))
+    os.remove(os.path.join(latest, shards[-1]))
+    r = subprocess.run([PYTHON, "tools/export_hf.py", "--checkpoint", root, "--output-dir", str(tmp_path / "hf")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"skipping checkpoint {latest}: corrupt or unreadable (IncompleteCheckpointError: "
+            f"{os.path.join(latest, shards[-1])} is missing); falling back to the previous one") in r.stderr
+    assert f"exporting checkpoint {root}/iter_0000001 instead of the latest {latest}" in r.stderr
+    assert r.stdout.startswith(f"exported {root}/iter_0000001 -> {tmp_path / 'hf'}: ")
+    assert json.load(open(tmp_path / "hf" / "effmlm_export.json"))["checkpoint"] == f"{root}/iter_0000001"

@@ -263,6 +263,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file would unpickle something other than tensors and checkpoint metadata."""
 
 
+class IncompleteCheckpointError(Exception):
+    """A shard that `.metadata` names is missing or shorter than the items it should hold (a
+    read error, like a corrupt file: loading falls back to the previous checkpoint)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """torch DCP reads `.metadata` with plain pickle; this one admits only the classes such
     metadata is made of, so checking a file first means no arbitrary object is ever built."""
@@ -309,6 +314,19 @@ class _BytesChecker:
             raise _refuse(shard, e) from None
 
 
+def _check_shards_present(path: str, metadata):
+    """Every file `.metadata` points into exists and holds the bytes it points at."""
+    need = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise IncompleteCheckpointError(f"{f} is missing")
+        if os.path.getsize(f) < size:
+            raise IncompleteCheckpointError(f"{f} is cut short ({os.path.getsize(f)} bytes, {size} expected)")
+
+
 def check_safe(path: str):
     """Raise UnsafeCheckpointError unless reading checkpoint directory `path` unpickles only
     tensors and checkpoint metadata: `.metadata` (plain pickle in torch DCP), `common.pt`, and
@@ -332,6 +350,7 @@ def check_safe(path: str):
     if os.path.exists(meta):
         with open(meta, "rb") as f:
             metadata = _MetadataUnpickler(f, meta).load()
+        _check_shards_present(path, metadata)
         items = [ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn), dest_offsets=torch.Size((0,)),
                           storage_index=MetadataIndex(fqn), storage_offsets=torch.Size((0,)), lengths=torch.Size((0,)))
                  for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]

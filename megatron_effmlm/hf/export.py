@@ -73,26 +73,43 @@ def _replace_dir(tmp: str, output_dir: str) -> None:
 
 
 def find_checkpoint(root: str):
-    """(checkpoint directory, its common state) for `root` (a --save folder or one iteration)."""
+    """(checkpoint directory, its common state) for `root` (a --save folder or one iteration):
+    the newest complete one, as --load picks it (a partial or torn latest one is skipped with a
+    warning naming it)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError, check_safe, find_latest
+    from megatron_effmlm.checkpoint import dist_ckpt
 
     if not os.path.isdir(root):
         raise ExportError(f"--checkpoint {root}: no such directory")
     try:
-        path = find_latest(root)
-    except CheckpointError as e:
+        candidates = dist_ckpt.find_candidates(root)
+    except dist_ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
-    if path is None:
+    if not candidates:
         raise ExportError(f"--checkpoint {root} is not a checkpoint: no latest_checkpointed_iteration.txt "
                           "and no dist_checkpointing metadata (point it at a --save folder or one iter_* folder)")
-    check_safe(path)  # before anything reads a pickle of it
-    common = dist_checkpointing.load_common_state_dict(path)
-    if "run_info" not in common:
-        raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an older "
-                          "version; continue it for one step with this version and export that")
-    return path, common
+    for n, path in enumerate(candidates):
+        if not dist_ckpt._is_complete(path):
+            dist_ckpt._warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
+                            "falling back to the previous one")
+            continue
+        try:
+            dist_ckpt.check_safe(path)  # before anything reads a pickle of it
+            common = dist_checkpointing.load_common_state_dict(path)
+        except dist_ckpt.CheckpointError:
+            raise
+        except dist_ckpt._READ_ERRORS as e:
+            dist_ckpt._warn(f"skipping checkpoint {path}: corrupt or unreadable ({dist_ckpt._describe(e)}); "
+                            "falling back to the previous one")
+            continue
+        if "run_info" not in common:
+            raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an "
+                              "older version; continue it for one step with this version and export that")
+        if n:
+            dist_ckpt._warn(f"exporting checkpoint {path} instead of the latest {candidates[0]}")
+        return path, common
+    raise ExportError(f"--checkpoint {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
 
 
 def load_model(path: str, common: dict):
