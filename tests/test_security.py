@@ -218,3 +218,51 @@ def test_export_falls_back_to_the_complete_earlier_checkpoint(tmp_path, small_ck
     assert f"exporting checkpoint {root}/iter_0000001 instead of the latest {latest}" in r.stderr
     assert r.stdout.startswith(f"exported {root}/iter_0000001 -> {tmp_path / 'hf'}: ")
     assert json.load(open(tmp_path / "hf" / "effmlm_export.json"))["checkpoint"] == f"{root}/iter_0000001"
+
+
+# ----- no bad value trains silently -----
+
+def _nan_into(iter_dir: str, key: str, where=(3, 5)):
+    """One value of checkpoint tensor `key` becomes nan (a flipped exponent bit): its stored item is
+    rewritten with that value changed, the rest of the checkpoint left as it is."""
+    meta_path = os.path.join(iter_dir, ".metadata")
+    meta = pickle.load(open(meta_path, "rb"))
+    item = next(k for k in meta.storage_data if k.fqn == key and (k.offset is None or not any(k.offset)))
+    info = meta.storage_data[item]
+    shard = os.path.join(iter_dir, info.relative_path)
+    with open(shard, "rb") as f:
+        f.seek(info.offset)
+        t = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    t[where] = float("nan")
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    offset = os.path.getsize(shard)
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    meta.storage_data[item] = dataclasses.replace(info, offset=offset, length=len(buf.getvalue()))
+    pickle.dump(meta, open(meta_path, "wb"))
+
+
+def test_a_checkpoint_with_a_non_finite_weight_is_refused_naming_it(tmp_path, small_ck):
+    ck, args = small_ck
+    root = str(tmp_path / "ck")
+    shutil.copytree(ck, root)
+    latest = os.path.join(root, "iter_0000002")
+    key = "embedding.word_embeddings.weight"
+    _nan_into(latest, key)
+    r = subprocess.run([PYTHON, "tests/cli_error_runner.py", "-", "-"], input=json.dumps({
+        # first: the runner's logging (the warnings) writes to the first case's stderr
+        "fallback": [*args, "--load", root, "--train-iters", "3"],
+        "only": [*args, "--load", latest, "--train-iters", "3"]}),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    why = f"NonFiniteCheckpointError: {key} holds a non-finite value (nan or inf)"
+    code, err = got["only"]
+    assert code == 2, err[-3000:]
+    assert _one_error(err) == (f"error: --load {latest}: no complete, readable checkpoint (tried {latest}; "
+                               f"{latest}: {why})")
+    code, err = got["fallback"]
+    assert code == 0, err[-3000:]
+    assert f"skipping checkpoint {latest}: corrupt or unreadable ({why}); falling back to the previous one" in err
+    assert f"loaded checkpoint {root}/iter_0000001 instead of the latest {latest}" in err

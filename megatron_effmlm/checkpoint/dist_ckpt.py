@@ -263,6 +263,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file would unpickle something other than tensors and checkpoint metadata."""
 
 
+class NonFiniteCheckpointError(Exception):
+    """A loaded weight holds nan or inf (a flipped bit): treated as a corrupt checkpoint."""
+
+
 class IncompleteCheckpointError(Exception):
     """A shard that `.metadata` names is missing or shorter than the items it should hold (a
     read error, like a corrupt file: loading falls back to the previous checkpoint)."""
@@ -421,6 +425,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     candidates = find_candidates(root)
     if not candidates:
         return None
+    last = ""  # why the last one tried was skipped
     for n, path in enumerate(candidates):
         if not _is_complete(path):
             _warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
@@ -448,7 +453,21 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
                 _warn(f"loaded checkpoint {path} instead of the latest {candidates[0]}")
             return result
         _warn(f"skipping checkpoint {path}: corrupt or unreadable ({_describe(error)}); falling back to the previous one")
-    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
+        last = f"; {path}: {_describe(error)}"
+    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)}{last})")
+
+
+def _check_finite(path: str, tensors: dict):
+    """Raise NonFiniteCheckpointError on every rank, naming the first weight (checkpoint key) that
+    holds nan or inf on any rank: a flipped bit must not train silently."""
+    bad = sorted(k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()
+                 and not bool(torch.isfinite(t).all()))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, bad[:1])
+        bad = sorted({k for b in every for k in b})
+    if bad:
+        raise NonFiniteCheckpointError(f"{bad[0]} holds a non-finite value (nan or inf)")
 
 
 def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_template: dict):
@@ -459,7 +478,9 @@ def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_templa
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
     fresh = _drop_absent_fresh(sd, path) if optimizer is None else {}
+    keys = {k: {n: getattr(v, "key", n) for n, v in msd.items()} for k, msd in sd.items() if k.startswith("model")}
     loaded = dist_checkpointing.load(sd, path)  # read errors propagate: load_checkpoint falls back
+    _check_finite(path, {keys[k].get(n, n): t for k in keys for n, t in loaded[k].items()})
     for i, chunk in enumerate(model):
         name = f"model{i}" if len(model) > 1 else "model"
         result = unwrap(chunk).load_state_dict(loaded[name], strict=not fresh.get(name))
