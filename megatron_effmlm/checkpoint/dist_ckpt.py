@@ -237,12 +237,19 @@ def _warn(msg: str):
         logger.warning(msg)
 
 
-def _check_model_shapes(path: str, model, allow_missing=()):
+def _check_model_shapes(path: str, model, allow_missing=(), vocab_size=None, common=None):
     """One clear error when the checkpoint is of another model (size, layers, vocabulary).
-    `allow_missing`: key prefixes a weights-only checkpoint may lack (FRESH_PREFIXES)."""
+    `allow_missing`: key prefixes a weights-only checkpoint may lack (FRESH_PREFIXES).
+    Vocabulary-parallel tensors may differ in their padded rows (another TP size pads the
+    vocabulary to another multiple): megatron-core loads the rows both have and zeroes the
+    rest, so the real vocabularies (`vocab_size`, and the one run_info records) must agree."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    saved_vocab = ((common or {}).get("run_info") or {}).get("model", {}).get("vocab_size")
+    if vocab_size and saved_vocab and saved_vocab != vocab_size:
+        raise CheckpointError(f"checkpoint {path} is of another vocabulary size: {saved_vocab} tokens there, "
+                              f"{vocab_size} here (--vocab-size, or the tokenizer in --tokenizer-dir)")
     saved = dist_checkpointing.load_tensors_metadata(path)
     for chunk in model:
         for t in nested_values(unwrap(chunk).sharded_state_dict()):
@@ -254,6 +261,9 @@ def _check_model_shapes(path: str, model, allow_missing=()):
                 raise CheckpointError(f"checkpoint {path} is of another model: it has no {t.key} "
                                       f"(a different --method, --num-layers or layer type?)")
             there, here = tuple(saved[t.key].global_shape), tuple(t.global_shape)
+            if there != here and t.allow_shape_mismatch and saved_vocab and vocab_size and there[1:] == here[1:] \
+                    and min(there[0], here[0]) >= vocab_size:
+                continue  # only the vocabulary padding differs
             if there != here:
                 raise CheckpointError(f"checkpoint {path} is of another model size: {t.key} has shape "
                                       f"{list(there)} there and {list(here)} here")
@@ -415,13 +425,14 @@ def _drop_absent_fresh(sd: dict, path: str) -> dict:
     return dropped
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict):
+def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict, vocab_size=None):
     """Load the latest complete, readable checkpoint under `root` into model/optimizer/scheduler.
 
     A latest checkpoint that is partial (no metadata) or corrupt (a shard or the common state
     cannot be read) is skipped with a warning naming it, and the previous one is loaded.
     Returns the checkpoint's extra values (iteration, consumed samples, method state), or
-    None when `root` holds no checkpoint yet (a fresh start)."""
+    None when `root` holds no checkpoint yet (a fresh start). `vocab_size`: the model's real
+    (unpadded) vocabulary; given, a checkpoint padded for another TP size loads too."""
     candidates = find_candidates(root)
     if not candidates:
         return None
@@ -435,7 +446,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
             check_safe(path)
             common = dist_checkpointing.load_common_state_dict(path)
             weights_only = not common.get("has_optimizer", True)
-            _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else ())
+            _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else (), vocab_size, common)
         except CheckpointError:
             raise
         except _READ_ERRORS as e:

@@ -117,7 +117,8 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     import transformers
 
     from megatron_effmlm.checkpoint.dist_ckpt import save_checkpoint
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.config import (ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config,
+                                        pad_vocab_size)
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
     from megatron_effmlm.model.builder import build_model
     from megatron_effmlm.parallel.init import initialize_distributed
@@ -139,10 +140,9 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     off = hf_cfg.pad_token_id + 1 if target == "roberta" else 0
     max_pos = hf_cfg.max_position_embeddings - off
     seq_length = seq_length or min(max_pos, 512)
-    # Pad the vocabulary so that every TP size up to max_tp gets the same rows (dist_checkpointing
-    # reshards only same-shaped tensors): --vocab-size below makes the trainer allocate exactly these.
-    multiple = 128 * max_tp
-    padded = -(-hf_cfg.vocab_size // multiple) * multiple
+    # Pad the vocabulary so that every TP size up to max_tp allocates the same rows (--vocab-size below):
+    # loading would pad or trim them anyway, but then runs on different TP sizes see different padding.
+    padded = pad_vocab_size(hf_cfg.vocab_size, 128, max_tp)
     if tokenizer.vocab_size > hf_cfg.vocab_size:
         raise HFImportError(f"--hf-dir {folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                            f"vocab_size is {hf_cfg.vocab_size}")

@@ -151,6 +151,7 @@ class Trainer:
             extra = dist_ckpt.load_checkpoint(
                 t.load, self.model, self.optimizer, self.scheduler,
                 {"consumed_samples": 0, "train_flops": 0.0, "policy": self.policy.state_dict()},
+                vocab_size=cfg.model.vocab_size,
             )
             if extra is not None:
                 self.iteration = int(extra["iteration"])
