@@ -308,6 +308,8 @@ def config_from_args(a) -> RunConfig:
             raise ConfigError(f"{flag} needs --save: the checkpoint a restarted job resumes from")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
         raise ConfigError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
+    if a.train_iters == 0 and not a.save:
+        raise ConfigError("--train-iters 0 writes the initial weights as a checkpoint: it needs --save")
     if a.max_skipped_iterations < 0:
         raise ConfigError(f"--max-skipped-iterations must be >= 0, got {a.max_skipped_iterations}")
     if not a.distributed_timeout_minutes > 0:

@@ -76,3 +76,28 @@ def test_another_vocabulary_is_still_refused(resharded):
     assert [l for l in err.splitlines() if l.startswith("error: ")] == [
         f"error: checkpoint {ck}/iter_0000001 is of another vocabulary size: 8000 tokens there, 8100 here "
         "(--vocab-size, or the tokenizer in --tokenizer-dir)"]
+
+
+def test_train_iters_0_writes_initial_weights_that_every_layout_starts_from(tmp_path, demo_data_prefix,
+                                                                           demo_tokenizer_dir, test_cache_dir):
+    """`--train-iters 0 --save INIT` writes the initial weights (iteration 0, weights only); one
+    process, TP=2 and PP=2 started from it train the same steps (README: "every layout equals one
+    process")."""
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"))
+    init = str(tmp_path / "init")
+    r = subprocess.run([PYTHON, "pretrain_effmlm.py", *args, "--train-iters", "0", "--save", init,
+                        "--save-interval", "5"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"saved checkpoint {init}/iter_0000000" in r.stdout
+    assert open(os.path.join(init, "latest_checkpointed_iteration.txt")).read().strip() == "0"
+    start = args + ["--load", init]
+    one = run_scenarios(tmp_path, 1, {"one": {"args": start, "steps": 2}}, "one")["one"]
+    got = run_scenarios(tmp_path, 2, {
+        "tp2": {"args": start + ["--tensor-model-parallel-size", "2"], "steps": 2},
+        "pp2": {"args": start + ["--pipeline-model-parallel-size", "2"], "steps": 2}}, "layouts")
+    for name, r in got.items():
+        assert [s["iteration"] for s in r["steps"]] == [1, 2], name
+        for a, b in zip(r["steps"], one["steps"]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-5), name

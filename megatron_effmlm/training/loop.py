@@ -115,7 +115,7 @@ class Trainer:
             ),
             self.model,
         )
-        decay_iters = o.lr_decay_iters or t.train_iters
+        decay_iters = o.lr_decay_iters or max(t.train_iters, 1)  # --train-iters 0: no step, any schedule
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.lr_warmup_iters else o.lr,
@@ -195,7 +195,7 @@ class Trainer:
             seq_length=self.cfg.model.seq_length,
             split=d.split,
             seed=t.seed,
-            train_samples=t.train_iters * t.global_batch_size,
+            train_samples=max(t.train_iters, 1) * t.global_batch_size,  # 0 iterations: still checks the data
             valid_samples=eval_samples,
             # The loop never reads the test split: one epoch of it, or a count for blends.
             test_samples=eval_samples if _has_weights(d.data_path) else None,
@@ -345,7 +345,8 @@ class Trainer:
             m.train()
         window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
         self._train_loop(t, progress, it, self.stop, valid_ds, window_t, window_tokens, window_flops)
-        if t.save and (not t.save_interval or self.iteration % t.save_interval):
+        # --train-iters 0 saves the initial weights (iteration 0: weights only), whatever --save-interval
+        if t.save and (not t.save_interval or self.iteration % t.save_interval or t.train_iters == 0):
             self.save()
         progress.write_curve(t.loss_curve)
         progress.close()
