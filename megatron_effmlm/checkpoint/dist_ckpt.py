@@ -468,7 +468,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
     raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)}{last})")
 
 
-def _check_finite(path: str, tensors: dict):
+def _check_finite(tensors: dict):
     """Raise NonFiniteCheckpointError on every rank, naming the first weight (checkpoint key) that
     holds nan or inf on any rank: a flipped bit must not train silently."""
     bad = sorted(k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()
@@ -491,7 +491,7 @@ def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_templa
     fresh = _drop_absent_fresh(sd, path) if optimizer is None else {}
     keys = {k: {n: getattr(v, "key", n) for n, v in msd.items()} for k, msd in sd.items() if k.startswith("model")}
     loaded = dist_checkpointing.load(sd, path)  # read errors propagate: load_checkpoint falls back
-    _check_finite(path, {keys[k].get(n, n): t for k in keys for n, t in loaded[k].items()})
+    _check_finite({keys[k].get(n, n): t for k in keys for n, t in loaded[k].items()})
     for i, chunk in enumerate(model):
         name = f"model{i}" if len(model) > 1 else "model"
         result = unwrap(chunk).load_state_dict(loaded[name], strict=not fresh.get(name))
