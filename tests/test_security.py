@@ -252,7 +252,7 @@ def test_a_checkpoint_with_a_non_finite_weight_is_refused_naming_it(tmp_path, sm
     _nan_into(latest, key)
     r = subprocess.run([PYTHON, "tests/cli_error_runner.py", "-", "-"], input=json.dumps({
         # first: the runner's logging (the warnings) writes to the first case's stderr
-        "fallback": [*args, "--load", root, "--train-iters", "3"],
+        "fallback": [*args, "--load", root],  # the schedule it was saved with: --train-iters 2
         "only": [*args, "--load", latest, "--train-iters", "3"]}),
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
