@@ -52,6 +52,7 @@ class TrainConfig:
     eval_iters: int = 10
     save: Optional[str] = None
     load: Optional[str] = None
+    overwrite_save: bool = False  # a fresh run may write over another run's checkpoints in --save
     save_interval: int = 0
     tensorboard_dir: Optional[str] = None
     seed: int = 1234
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let a run that does not --load the --save folder write over the checkpoints there "
+                        "(refused by default: they belong to another run)")
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--seed", type=int, default=1234)
@@ -342,7 +346,7 @@ def config_from_args(a) -> RunConfig:
         method=a.method, method_options=method_options, micro_batch_size=a.micro_batch_size,
         global_batch_size=a.global_batch_size or a.micro_batch_size, train_iters=a.train_iters,
         log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters, save=a.save,
-        load=a.load, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
+        load=a.load, overwrite_save=a.overwrite_save, save_interval=a.save_interval, tensorboard_dir=a.tensorboard_dir, seed=a.seed,
         exit_interval=a.exit_interval, loss_curve=a.loss_curve, train_flops_budget=a.train_flops_budget,
         peak_tflops=a.peak_tflops, summary_json=a.summary_json, exit_signal_handler=a.exit_signal_handler,
         exit_duration_in_mins=a.exit_duration_in_mins, max_skipped_iterations=a.max_skipped_iterations,
@@ -354,6 +358,8 @@ def config_from_args(a) -> RunConfig:
             raise ConfigError(f"{flag} needs --save: the checkpoint a restarted job resumes from")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
         raise ConfigError(f"--exit-duration-in-mins must be > 0, got {a.exit_duration_in_mins}")
+    if a.train_iters == 0 and not a.save:
+        raise ConfigError("--train-iters 0 writes the initial weights as a checkpoint: it needs --save")
     if a.max_skipped_iterations < 0:
         raise ConfigError(f"--max-skipped-iterations must be >= 0, got {a.max_skipped_iterations}")
     if not a.distributed_timeout_minutes > 0:
@@ -373,7 +379,7 @@ _POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_siz
              "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
              "lr_decay_iters", "init_method_std", "layernorm_epsilon", "adam_eps", "train_flops_budget",
              "peak_tflops", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window")
-_NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_interval", "save_interval",
+_NON_NEGATIVE = ("train_iters", "lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_interval", "save_interval",
                  "exit_interval", "ltd_steps", "num_tokentypes", "hysteresis", "sctd_kl_weight", "fp8_margin")
 # (low, high, high included): [low, high) or [low, high]
 _FRACTIONS = {"hidden_dropout": (0.0, 1.0, False), "attention_dropout": (0.0, 1.0, False),
@@ -413,7 +419,8 @@ def check_values(a) -> None:
     if a.min_lr > a.lr:
         raise ConfigError(f"--min-lr {a.min_lr} exceeds --lr {a.lr}")
     decay = a.lr_decay_iters or a.train_iters
-    if a.lr_warmup_iters and a.lr_warmup_iters >= decay:  # megatron-core's scheduler asserts it
+    # (--train-iters 0 takes no step: it only writes the initial weights, any schedule will do)
+    if a.lr_warmup_iters and a.lr_warmup_iters >= decay and a.train_iters != 0:  # megatron-core's scheduler asserts it
         raise ConfigError(f"--lr-warmup-iters {a.lr_warmup_iters} must be below "
                           f"{'--lr-decay-iters' if a.lr_decay_iters else '--train-iters'} {decay}")
     if a.method != "3ml":

@@ -19,6 +19,14 @@ class ConfigError(ValueError):
 MODEL_ARCHS = ("megatron-bert", "bert", "roberta")
 
 
+def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+    """The rows the model allocates: the vocabulary padded so that every TP shard is a multiple of
+    `divisible_by` (Megatron-LM's --make-vocab-size-divisible-by). The one place this is computed;
+    checkpoints do not depend on it (another TP size loads them, see checkpoint/dist_ckpt.py)."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 4
@@ -86,9 +94,7 @@ class ModelConfig:
             )
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocab padded so every TP shard is a multiple of make_vocab_size_divisible_by."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
-        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
 @dataclass

@@ -37,13 +37,14 @@ def main():
     a = p.parse_args()
 
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+    from megatron_effmlm.config import pad_vocab_size
     from megatron_effmlm.training.flops import predicted_step_flops
 
     model = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "128",
              "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "5e-4", "--lr-warmup-iters", "10",
              "--lr-decay-style", "constant", "--log-interval", "10", "--split", "98,2,0", *a.model_args]
     vocab = EffMLMTokenizer.from_dir(a.tokenizer_dir).vocab_size
-    per_step = 16 * predicted_step_flops("vanilla", 128, 4, 256, 1024, -(-vocab // 128) * 128, 0.15)
+    per_step = 16 * predicted_step_flops("vanilla", 128, 4, 256, 1024, pad_vocab_size(vocab), 0.15)
     budget = a.budget_vanilla_steps * per_step
     os.makedirs(a.out, exist_ok=True)
     curves = {}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -133,3 +134,25 @@ def test_errors(tmp_path, capsys, demo_jsonl):
     assert run_cli(main, ["--input", demo_jsonl, "--tokenizer-type", "bpe", "--vocab-size", "100",
                           "--output-dir", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err == "error: --vocab-size 100 is too small for bpe: need at least 261\n"
+
+
+def test_a_failed_training_keeps_the_tokenizer_already_there(tmp_path, capsys, demo_tokenizer_dir):
+    """Empty input: refused before anything is written; the tokenizer in --output-dir is unchanged."""
+    from tools.train_tokenizer import main
+
+    out = tmp_path / "tok"
+    shutil.copytree(demo_tokenizer_dir, out)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run_cli(main, ["--input", str(empty), "--tokenizer-type", "wordpiece", "--vocab-size", "300",
+                          "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --input: no documents in {empty}\n"
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    # A training that fails at its last step (metadata that cannot be written as JSON) leaves it as
+    # it was too, and no staging folder behind.
+    from megatron_effmlm.data.tokenizer import train_tokenizer
+
+    with pytest.raises(TypeError):
+        train_tokenizer(iter(["some text"] * 3), "wordpiece", 300, str(out), extra_meta={"bad": object()})
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before

@@ -114,3 +114,17 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(DataError, match=f"--input: cannot read Wikipedia dump {broken}"):
         list(iter_articles(str(broken)))
     assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_cli_refuses_to_write_over_its_input(tmp_path, capsys):
+    from tools.wikidump_to_jsonl import main
+
+    src = tmp_path / "dump.xml"
+    src.write_text(_dump([_page("Long", 0, 1, "'''Long''' article with text. " * 5)]))
+    before = src.read_bytes()
+    os.link(src, tmp_path / "same.xml")
+    for out in (src, tmp_path / "." / "dump.xml", tmp_path / "same.xml"):
+        assert run_cli(main, ["--input", str(src), "--output", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: --output {out} is the --input dump {src}: choose another "
+                                           "output path\n")
+        assert src.read_bytes() == before

@@ -217,3 +217,78 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, com
     assert open(os.path.join(ck, TRACKER)).read().strip() == str(k)
     assert sorted(os.listdir(ck)) == [f"iter_{k:07d}", TRACKER]  # one checkpoint, nothing half-written
     assert open(code_file).read().strip() == "75"
+
+
+def test_kill9_of_the_trainer_during_a_save_leaves_no_writer_process(tmp_path, demo_data_prefix, demo_tokenizer_dir,
+                                                                     test_cache_dir):
+    """dist_checkpointing's writer processes (forked per write bucket, and a spawned
+    multiprocessing Manager with its resource tracker) die with the trainer."""
+    ck = str(tmp_path / "ck")
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 100000, "--save-interval": 1, "--log-interval": 1000})
+    proc = subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args, "--save", ck], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    seen = set()
+    try:
+        deadline = time.time() + 240
+        while not (os.path.isdir(os.path.join(ck, "iter_0000003.tmp")) and len(seen) >= 2):  # the third save
+            assert proc.poll() is None and time.time() < deadline
+            try:
+                seen |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 5
+        alive = seen
+        while alive and time.time() < deadline:
+            alive = {p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+            time.sleep(0.1)
+    finally:
+        for pid in seen:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    assert not alive, [" ".join(psutil.Process(p).cmdline())[:200] for p in alive if psutil.pid_exists(p)]
+
+
+def test_a_stopped_rank_ends_the_others_after_the_distributed_timeout(tmp_path, demo_data_prefix, demo_tokenizer_dir,
+                                                                     test_cache_dir):
+    """SIGSTOP one of two ranks (a hung node): the live one leaves its data-parallel all-reduce
+    (a megatron-core group) after --distributed-timeout-minutes, with one clear error."""
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 100000, "--distributed-timeout-minutes": 0.25})
+    port = _free_port()
+    procs, logs = [], []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+        logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
+        procs.append(subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args], cwd=REPO_ROOT, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, env=env))
+    try:
+        deadline = time.time() + 180
+        while "iter      3/" not in open(tmp_path / "rank0.log").read():
+            assert time.time() < deadline and procs[0].poll() is None, open(tmp_path / "rank0.log").read()[-3000:]
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        t = time.time()
+        try:
+            code = procs[0].wait(timeout=120)  # megatron-core's groups default to 30 minutes
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.time() - t
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = open(tmp_path / "rank0.log").read()
+    assert code == 1, f"the live rank still waits {took:.0f} s after its peer stopped: " + text[-2000:]
+    errors = [l for l in text.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "), text[-3000:]
+    assert 10 < took < 60, took
+    print(f"live rank exited {took:.1f} s after its peer was stopped")

@@ -85,8 +85,8 @@ def test_export_equals_our_model(saved, name, tmp_path, mcore_single, demo_jsonl
     expected_cls = {"megatron-bert": "MegatronBert", "bert": "Bert", "roberta": "Roberta"}[target] + \
         ("Model" if encoder_only else "ForMaskedLM")
     assert r["class"] == expected_cls
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "tokenizer.json",
-                                       "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "effmlm_export.json", "model.safetensors",
+                                       "tokenizer.json", "tokenizer_config.json"]
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
     # The exported tokenizer, through AutoTokenizer, gives the trainer's ids.

@@ -45,6 +45,9 @@ def main(argv=None):
     check_input_files(args.input)
     if args.max_docs is not None and args.max_docs <= 0:
         raise DataError(f"--max-docs must be positive, got {args.max_docs}")
+    # Before anything is written (an existing tokenizer in --output-dir stays as it is).
+    if next(iter_jsonl(args.input, args.json_keys), None) is None:
+        raise DataError(f"--input: no documents in {', '.join(args.input)}")
     count = {"docs": 0}
 
     def texts():
@@ -59,8 +62,6 @@ def main(argv=None):
         texts(), args.tokenizer_type, args.vocab_size, args.output_dir, args.lowercase, args.style,
         extra_meta={"trained_on": [os.path.abspath(p) for p in args.input], "json_keys": args.json_keys},
     )
-    if count["docs"] == 0:
-        raise DataError(f"--input: no documents in {', '.join(args.input)}")
     print(f"trained {tok.kind} ({tok.style} style) tokenizer, vocab {tok.vocab_size}, on "
           f"{count['docs']} documents in {time.time() - start:.1f} s -> {args.output_dir}", file=sys.stderr)
 

@@ -5,10 +5,11 @@ Layout under `--save DIR`:
     DIR/latest_checkpointed_iteration.txt
 A checkpoint is written to `iter_XXXXXXX.tmp` and renamed only after every rank finished,
 and the tracker file is replaced atomically after that: a crash or SIGTERM mid-save leaves
-the previous checkpoint as the one `--load` picks. Loading goes through torch's
-weights-only unpickler (dist_checkpointing's common state) and torch_dist shards, and
-torch DCP's `.metadata` pickle is first read with an unpickler that admits only checkpoint
-metadata classes: no arbitrary objects are unpickled. A partial or corrupt latest
+the previous checkpoint as the one `--load` picks. Before anything reads a checkpoint,
+`check_safe` reads every pickle in it without building arbitrary objects: torch DCP's
+`.metadata` with an unpickler that admits only checkpoint metadata classes, `common.pt` and
+every non-tensor item of every `.distcp` shard (which torch DCP's default planner would read
+with weights_only=False) with torch's weights-only unpickler. A partial or corrupt latest
 checkpoint is skipped with a warning naming it, and the previous complete one is loaded.
 """
 
@@ -30,6 +31,7 @@ from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_effmlm.checkpoint.lifeline import die_with_parent
 from megatron_effmlm.model.builder import unwrap
 
 logger = logging.getLogger(__name__)
@@ -94,11 +96,40 @@ def _sharded_state_dict(model, optimizer, scheduler, extra: dict, rng=None, is_l
     return sd
 
 
+_writers_guarded = False
+
+
+def _guard_writer_processes():
+    """dist_checkpointing's torch_dist writer forks one process per write bucket and keeps a
+    spawn-context multiprocessing Manager (its results queue) for the process's lifetime:
+    after a SIGKILL of the trainer they would live on (and keep writing into iter_*.tmp).
+    Forked children set PDEATHSIG at fork; the Manager is started here with it as initializer,
+    in the module global its writer creates lazily."""
+    global _writers_guarded
+    if _writers_guarded:
+        return
+    _writers_guarded = True
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    forking = {}
+    os.register_at_fork(before=lambda: forking.__setitem__("pid", os.getpid()),
+                        after_in_child=lambda: die_with_parent(forking["pid"]))
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._effmlm_manager = manager  # keep it referenced: its finalizer stops the server
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save atomically; returns the final directory. `extra` holds plain values/tensors
     (iteration, consumed samples, the method's state)."""
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
+    _guard_writer_processes()
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
@@ -176,6 +207,23 @@ def find_candidates(root: str):
     return [checkpoint_dir(root, iteration)] + [checkpoint_dir(root, i) for i in _iterations_on_disk(root) if i < iteration]
 
 
+def check_save_dir(save, load, overwrite: bool = False):
+    """Refuse a run that would write over another run's checkpoints: `save` holds checkpoints
+    and the run does not continue from them (`load` is not `save` or a checkpoint in it)."""
+    if not save or overwrite or not os.path.isdir(save):
+        return
+    save_abs = os.path.abspath(save)
+    if load and (os.path.abspath(load) + os.sep).startswith(save_abs + os.sep):
+        return  # continuing what is there
+    held = _iterations_on_disk(save)
+    if not held and not os.path.exists(os.path.join(save, TRACKER)):
+        return
+    latest = f" (latest: iteration {held[0]})" if held else ""
+    raise CheckpointError(f"--save {save} already holds checkpoints of another run{latest}: continue that run "
+                          f"with --load {save}, choose another --save folder, or pass --overwrite-save to write "
+                          "over them")
+
+
 def find_latest(root: str):
     """The directory of the latest complete checkpoint under `root`, or None."""
     for path in find_candidates(root):
@@ -189,12 +237,19 @@ def _warn(msg: str):
         logger.warning(msg)
 
 
-def _check_model_shapes(path: str, model, allow_missing=()):
+def _check_model_shapes(path: str, model, allow_missing=(), vocab_size=None, common=None):
     """One clear error when the checkpoint is of another model (size, layers, vocabulary).
-    `allow_missing`: key prefixes a weights-only checkpoint may lack (FRESH_PREFIXES)."""
+    `allow_missing`: key prefixes a weights-only checkpoint may lack (FRESH_PREFIXES).
+    Vocabulary-parallel tensors may differ in their padded rows (another TP size pads the
+    vocabulary to another multiple): megatron-core loads the rows both have and zeroes the
+    rest, so the real vocabularies (`vocab_size`, and the one run_info records) must agree."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    saved_vocab = ((common or {}).get("run_info") or {}).get("model", {}).get("vocab_size")
+    if vocab_size and saved_vocab and saved_vocab != vocab_size:
+        raise CheckpointError(f"checkpoint {path} is of another vocabulary size: {saved_vocab} tokens there, "
+                              f"{vocab_size} here (--vocab-size, or the tokenizer in --tokenizer-dir)")
     saved = dist_checkpointing.load_tensors_metadata(path)
     for chunk in model:
         for t in nested_values(unwrap(chunk).sharded_state_dict()):
@@ -206,6 +261,9 @@ def _check_model_shapes(path: str, model, allow_missing=()):
                 raise CheckpointError(f"checkpoint {path} is of another model: it has no {t.key} "
                                       f"(a different --method, --num-layers or layer type?)")
             there, here = tuple(saved[t.key].global_shape), tuple(t.global_shape)
+            if there != here and t.allow_shape_mismatch and saved_vocab and vocab_size and there[1:] == here[1:] \
+                    and min(there[0], here[0]) >= vocab_size:
+                continue  # only the vocabulary padding differs
             if there != here:
                 raise CheckpointError(f"checkpoint {path} is of another model size: {t.key} has shape "
                                       f"{list(there)} there and {list(here)} here")
@@ -213,6 +271,15 @@ def _check_model_shapes(path: str, model, allow_missing=()):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file would unpickle something other than tensors and checkpoint metadata."""
+
+
+class NonFiniteCheckpointError(Exception):
+    """A loaded weight holds nan or inf (a flipped bit): treated as a corrupt checkpoint."""
+
+
+class IncompleteCheckpointError(Exception):
+    """A shard that `.metadata` names is missing or shorter than the items it should hold (a
+    read error, like a corrupt file: loading falls back to the previous checkpoint)."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -235,25 +302,81 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _check_safe_pickles(path: str):
-    """Raise UnsafeCheckpointError if `.metadata` or `common.pt` hold arbitrary objects (other
-    read errors propagate as they are: a corrupt file). Shards are read by torch DCP with
-    torch.load(weights_only=True)."""
+def _refuse(path: str, error: pickle.UnpicklingError):
+    """UnsafeCheckpointError for torch's weights-only refusal of `path`; other errors as they are."""
+    # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
+    if "Weights only load failed" in str(error) and "global" in str(error).lower():
+        first = next((l for l in str(error).splitlines()[1:] if "global" in l.lower()), "")
+        return UnsafeCheckpointError(f"refusing to load {path}: it would unpickle an arbitrary object "
+                                     f"({first.strip()[:200]}); only tensors are loaded")
+    return error
+
+
+class _BytesChecker:
+    """Stands in for the load planner in FileSystemReader.read_data: torch DCP's default
+    planner unpickles a shard's non-tensor (BYTE_IO) items with torch.load(weights_only=False);
+    this one reads the same bytes with the weights-only unpickler, and keeps nothing."""
+
+    def __init__(self, path: str, storage_data):
+        self.path, self.storage_data = path, storage_data
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            shard = os.path.join(self.path, self.storage_data[read_item.storage_index].relative_path)
+            raise _refuse(shard, e) from None
+
+
+def _check_shards_present(path: str, metadata):
+    """Every file `.metadata` points into exists and holds the bytes it points at."""
+    need = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise IncompleteCheckpointError(f"{f} is missing")
+        if os.path.getsize(f) < size:
+            raise IncompleteCheckpointError(f"{f} is cut short ({os.path.getsize(f)} bytes, {size} expected)")
+
+
+def check_safe(path: str):
+    """Raise UnsafeCheckpointError unless reading checkpoint directory `path` unpickles only
+    tensors and checkpoint metadata: `.metadata` (plain pickle in torch DCP), `common.pt`, and
+    every non-tensor item of every `.distcp` shard (torch DCP's default planner reads those with
+    weights_only=False). Tensor items are read by torch DCP with weights_only=True. Other read
+    errors propagate as they are (a corrupt file). Call it before anything else reads `path`."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    info = os.path.join(path, "metadata.json")
+    if os.path.exists(info):  # another backend would be read by other (unchecked) code
+        with open(info) as f:
+            backends = json.load(f)
+        if (backends.get("sharded_backend"), backends.get("common_backend")) != ("torch_dist", "torch"):
+            raise UnsafeCheckpointError(f"refusing to load {path}: {info} names backends {backends.get('sharded_backend')!r}"
+                                        f"/{backends.get('common_backend')!r}; only torch_dist/torch are loaded")
     meta = os.path.join(path, ".metadata")
     if os.path.exists(meta):
         with open(meta, "rb") as f:
-            _MetadataUnpickler(f, meta).load()
+            metadata = _MetadataUnpickler(f, meta).load()
+        _check_shards_present(path, metadata)
+        items = [ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn), dest_offsets=torch.Size((0,)),
+                          storage_index=MetadataIndex(fqn), storage_offsets=torch.Size((0,)), lengths=torch.Size((0,)))
+                 for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
+        reader = FileSystemReader(path)
+        reader.set_up_storage_reader(metadata, is_coordinator=True)
+        reader.read_data(LoadPlan(items), _BytesChecker(path, metadata.storage_data)).wait()
     common = os.path.join(path, "common.pt")
     if os.path.exists(common):
         try:
             torch.load(common, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            # torch names the refused global ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y ...")
-            if "Weights only load failed" in str(e) and "global" in str(e).lower():
-                first = next((l for l in str(e).splitlines()[1:] if "global" in l.lower()), "")
-                raise UnsafeCheckpointError(f"refusing to load {common}: it would unpickle an arbitrary object "
-                                            f"({first.strip()[:200]}); only tensors are loaded") from None
-            raise
+            raise _refuse(common, e) from None
 
 
 def _describe(error) -> str:
@@ -303,26 +426,28 @@ def _drop_absent_fresh(sd: dict, path: str) -> dict:
     return dropped
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict):
+def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict, vocab_size=None):
     """Load the latest complete, readable checkpoint under `root` into model/optimizer/scheduler.
 
     A latest checkpoint that is partial (no metadata) or corrupt (a shard or the common state
     cannot be read) is skipped with a warning naming it, and the previous one is loaded.
     Returns the checkpoint's extra values (iteration, consumed samples, method state), or
-    None when `root` holds no checkpoint yet (a fresh start)."""
+    None when `root` holds no checkpoint yet (a fresh start). `vocab_size`: the model's real
+    (unpadded) vocabulary; given, a checkpoint padded for another TP size loads too."""
     candidates = find_candidates(root)
     if not candidates:
         return None
+    last = ""  # why the last one tried was skipped
     for n, path in enumerate(candidates):
         if not _is_complete(path):
             _warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
                   "falling back to the previous one")
             continue
         try:
-            _check_safe_pickles(path)
+            check_safe(path)
             common = dist_checkpointing.load_common_state_dict(path)
             weights_only = not common.get("has_optimizer", True)
-            _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else ())
+            _check_model_shapes(path, model, FRESH_PREFIXES if weights_only else (), vocab_size, common)
         except CheckpointError:
             raise
         except _READ_ERRORS as e:
@@ -340,7 +465,21 @@ def load_checkpoint(root: str, model, optimizer, scheduler, extra_template: dict
                 _warn(f"loaded checkpoint {path} instead of the latest {candidates[0]}")
             return result
         _warn(f"skipping checkpoint {path}: corrupt or unreadable ({_describe(error)}); falling back to the previous one")
-    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
+        last = f"; {path}: {_describe(error)}"
+    raise CheckpointError(f"--load {root}: no complete, readable checkpoint (tried {', '.join(candidates)}{last})")
+
+
+def _check_finite(tensors: dict):
+    """Raise NonFiniteCheckpointError on every rank, naming the first weight (checkpoint key) that
+    holds nan or inf on any rank: a flipped bit must not train silently."""
+    bad = sorted(k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()
+                 and not bool(torch.isfinite(t).all()))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, bad[:1])
+        bad = sorted({k for b in every for k in b})
+    if bad:
+        raise NonFiniteCheckpointError(f"{bad[0]} holds a non-finite value (nan or inf)")
 
 
 def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_template: dict):
@@ -352,7 +491,9 @@ def _load_one(path: str, common: dict, model, optimizer, scheduler, extra_templa
         optimizer = scheduler = None
     sd = _sharded_state_dict(model, optimizer, scheduler, extra_template, rng=rng, is_loading=True)
     fresh = _drop_absent_fresh(sd, path) if optimizer is None else {}
+    keys = {k: {n: getattr(v, "key", n) for n, v in msd.items()} for k, msd in sd.items() if k.startswith("model")}
     loaded = dist_checkpointing.load(sd, path)  # read errors propagate: load_checkpoint falls back
+    _check_finite({keys[k].get(n, n): t for k in keys for n, t in loaded[k].items()})
     for i, chunk in enumerate(model):
         name = f"model{i}" if len(model) > 1 else "model"
         result = unwrap(chunk).load_state_dict(loaded[name], strict=not fresh.get(name))

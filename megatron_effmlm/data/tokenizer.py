@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -178,8 +180,6 @@ def train_tokenizer(
     extra_meta: Optional[dict] = None,
 ) -> "EffMLMTokenizer":
     """Train a tokenizer of ``kind`` on ``texts`` (one document each) and write it to ``output_dir``."""
-    from tokenizers import AddedToken
-
     if kind not in KINDS:
         raise DataError(f"--tokenizer-type must be one of {', '.join(KINDS)}, got {kind!r}")
     style = style or DEFAULT_STYLE[kind]
@@ -190,6 +190,26 @@ def train_tokenizer(
         raise DataError(f"--vocab-size {vocab_size} is too small for {kind}: need at least {min_vocab}")
     specials = SPECIAL_TOKENS[style]
     os.makedirs(output_dir, exist_ok=True)
+    # Written into a folder of its own inside output_dir, moved into place only when complete:
+    # a failed training leaves a tokenizer already there as it was.
+    stage = tempfile.mkdtemp(prefix=".training", dir=output_dir)
+    try:
+        tok = _train_into(texts, kind, vocab_size, lowercase, style, specials, stage, extra_meta)
+        names = sorted(os.listdir(stage))
+        if os.path.exists(os.path.join(output_dir, META_FILE)):
+            os.remove(os.path.join(output_dir, META_FILE))  # incomplete until the new one is in
+        for name in names:
+            if name != META_FILE:
+                os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+        os.replace(os.path.join(stage, META_FILE), os.path.join(output_dir, META_FILE))  # marks it complete
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return EffMLMTokenizer.from_dir(output_dir)
+
+
+def _train_into(texts, kind, vocab_size, lowercase, style, specials, output_dir, extra_meta):
+    from tokenizers import AddedToken
+
     files = {"hf": HF_FILE}
     if kind.startswith("sp-"):
         spm_path = os.path.join(output_dir, SPM_FILE)
@@ -218,11 +238,9 @@ def train_tokenizer(
         "files": files,
         **(extra_meta or {}),
     }
-    tmp = os.path.join(output_dir, META_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, os.path.join(output_dir, META_FILE))  # its presence marks a complete directory
-    return EffMLMTokenizer.from_dir(output_dir)
+    return tok
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ def convert_dump(
 ) -> DumpStats:
     """Write the articles of a dump as JSONL, atomically (tmp file then rename)."""
     stats = DumpStats()
+    if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(input_path, output_path):
+        raise DataError(f"--output {output_path} is the --input dump {input_path}: choose another output path")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     tmp_path = f"{output_path}.tmp.{os.getpid()}"

@@ -27,26 +27,89 @@ class ExportError(ConversionError):
     pass
 
 
+# Written last into every export: the files this tool wrote. A later export replaces only a
+# folder that holds nothing else; no other folder is ever deleted or written into.
+EXPORT_MARK = "effmlm_export.json"
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output-dir this tool may not replace: a file, or a non-empty folder that is
+    not an earlier export of it (or holds files it did not write)."""
+    if not os.path.exists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise ExportError(f"--output-dir {output_dir} is a file; choose a new folder")
+    present = set(os.listdir(output_dir))
+    if not present:
+        return
+    mark = os.path.join(output_dir, EXPORT_MARK)
+    if not os.path.isfile(mark):
+        raise ExportError(f"--output-dir {output_dir} is not empty and is not an earlier export of this tool "
+                          f"(no {EXPORT_MARK}); choose a new or empty folder")
+    import json
+
+    try:
+        written = set(json.load(open(mark))["files"])
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(f"{mark}: unreadable; choose a new or empty --output-dir") from None
+    other = sorted(present - written - {EXPORT_MARK})
+    if other:
+        raise ExportError(f"--output-dir {output_dir} holds files an earlier export did not write "
+                          f"({', '.join(other[:5])}); choose a new or empty folder")
+
+
+def _replace_dir(tmp: str, output_dir: str) -> None:
+    """Put `tmp` at `output_dir` (checked by check_output_dir); an earlier export is moved
+    aside first and deleted only once the new one is in place."""
+    import tempfile
+
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        aside = tempfile.mkdtemp(prefix=os.path.basename(output_dir) + ".old", dir=os.path.dirname(tmp))
+        os.replace(output_dir, aside)  # over an empty folder of our own
+        os.replace(tmp, output_dir)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, output_dir)  # none, or an empty folder
+
+
 def find_checkpoint(root: str):
-    """(checkpoint directory, its common state) for `root` (a --save folder or one iteration)."""
+    """(checkpoint directory, its common state) for `root` (a --save folder or one iteration):
+    the newest complete one, as --load picks it (a partial or torn latest one is skipped with a
+    warning naming it)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError, find_latest
+    from megatron_effmlm.checkpoint import dist_ckpt
 
     if not os.path.isdir(root):
         raise ExportError(f"--checkpoint {root}: no such directory")
     try:
-        path = find_latest(root)
-    except CheckpointError as e:
+        candidates = dist_ckpt.find_candidates(root)
+    except dist_ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
-    if path is None:
+    if not candidates:
         raise ExportError(f"--checkpoint {root} is not a checkpoint: no latest_checkpointed_iteration.txt "
                           "and no dist_checkpointing metadata (point it at a --save folder or one iter_* folder)")
-    common = dist_checkpointing.load_common_state_dict(path)
-    if "run_info" not in common:
-        raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an older "
-                          "version; continue it for one step with this version and export that")
-    return path, common
+    for n, path in enumerate(candidates):
+        if not dist_ckpt._is_complete(path):
+            dist_ckpt._warn(f"skipping checkpoint {path}: partial or missing (no dist_checkpointing metadata); "
+                            "falling back to the previous one")
+            continue
+        try:
+            dist_ckpt.check_safe(path)  # before anything reads a pickle of it
+            common = dist_checkpointing.load_common_state_dict(path)
+        except dist_ckpt.CheckpointError:
+            raise
+        except dist_ckpt._READ_ERRORS as e:
+            dist_ckpt._warn(f"skipping checkpoint {path}: corrupt or unreadable ({dist_ckpt._describe(e)}); "
+                            "falling back to the previous one")
+            continue
+        if "run_info" not in common:
+            raise ExportError(f"checkpoint {path} records no model configuration (run_info): it was saved by an "
+                              "older version; continue it for one step with this version and export that")
+        if n:
+            dist_ckpt._warn(f"exporting checkpoint {path} instead of the latest {candidates[0]}")
+        return path, common
+    raise ExportError(f"--checkpoint {root}: no complete, readable checkpoint (tried {', '.join(candidates)})")
 
 
 def load_model(path: str, common: dict, keep_decoder: bool = False):
@@ -162,6 +225,7 @@ def export(checkpoint: str, output_dir: str, target: Optional[str] = None, token
     from megatron_effmlm.data.errors import DataError
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
 
+    check_output_dir(output_dir)
     path, common = find_checkpoint(checkpoint)
     info = common["run_info"]
     tok_dir = tokenizer_dir or info["tokenizer"]["dir"]
@@ -190,9 +254,16 @@ def export(checkpoint: str, output_dir: str, target: Optional[str] = None, token
     hf_model.load_state_dict(sd, strict=True)
     hf_model.eval()
 
-    tmp = f"{output_dir.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    import json
+    import tempfile
+
+    output_dir = output_dir.rstrip("/") or output_dir
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(output_dir) + ".tmp", dir=parent)  # ours alone
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a model folder should be
     try:
         hf_model.save_pretrained(tmp)  # config.json + model.safetensors
         extra = {} if target != "roberta" else {"model_input_names": ["input_ids", "attention_mask"]}  # one type
@@ -210,9 +281,10 @@ def export(checkpoint: str, output_dir: str, target: Optional[str] = None, token
                               f"(> {verify_tol}) on sample text; not written")
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_model_card(info, common, target, cls_name, encoder_only, diff))
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        with open(os.path.join(tmp, EXPORT_MARK), "w") as f:
+            json.dump({"files": sorted(os.listdir(tmp)), "checkpoint": os.path.abspath(path)}, f, indent=1)
+        check_output_dir(output_dir)  # again: it may have changed while we worked
+        _replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"target": target, "class": cls_name, "max_abs_diff": diff, "encoder_only": encoder_only,

@@ -23,6 +23,7 @@ class HFImportError(ConversionError):
 
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TYPE_TO_TARGET = {v[0]: k for k, v in TARGETS.items()}
 
 
@@ -116,7 +117,8 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     import transformers
 
     from megatron_effmlm.checkpoint.dist_ckpt import save_checkpoint
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.config import (ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config,
+                                        pad_vocab_size)
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
     from megatron_effmlm.model.builder import build_model
     from megatron_effmlm.parallel.init import initialize_distributed
@@ -125,17 +127,22 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     tokenizer = EffMLMTokenizer.from_dir(os.path.join(tmp, "tokenizer"))
     tok_dir = os.path.abspath(os.path.join(output, "tokenizer"))  # where it will be
 
-    hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHT_FILES):
+        raise HFImportError(f"--hf-dir {folder} has no weights: none of {', '.join(WEIGHT_FILES)}")
+    try:  # transformers reads .bin files with torch.load(weights_only=True): no arbitrary objects
+        hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    except Exception as e:  # a truncated or corrupt weights file: safetensors/torch/transformers errors
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise HFImportError(f"--hf-dir {folder}: cannot read the weights ({type(e).__name__}: {first})") from None
     if info["missing_keys"]:
         raise HFImportError(f"--hf-dir {folder}: weights missing from the folder ({', '.join(info['missing_keys'][:4])}"
                            " ...); an encoder-only model has no MLM head to continue pre-training with")
     off = hf_cfg.pad_token_id + 1 if target == "roberta" else 0
     max_pos = hf_cfg.max_position_embeddings - off
     seq_length = seq_length or min(max_pos, 512)
-    # Pad the vocabulary so that every TP size up to max_tp gets the same rows (dist_checkpointing
-    # reshards only same-shaped tensors): --vocab-size below makes the trainer allocate exactly these.
-    multiple = 128 * max_tp
-    padded = -(-hf_cfg.vocab_size // multiple) * multiple
+    # Pad the vocabulary so that every TP size up to max_tp allocates the same rows (--vocab-size below):
+    # loading would pad or trim them anyway, but then runs on different TP sizes see different padding.
+    padded = pad_vocab_size(hf_cfg.vocab_size, 128, max_tp)
     if tokenizer.vocab_size > hf_cfg.vocab_size:
         raise HFImportError(f"--hf-dir {folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                            f"vocab_size is {hf_cfg.vocab_size}")

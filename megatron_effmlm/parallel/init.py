@@ -52,10 +52,12 @@ def initialize_distributed(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            # every group it creates honours --distributed-timeout-minutes (its default: 30)
+            distributed_timeout_minutes=timeout_minutes,
         )
         from megatron_effmlm.parallel.p2p import build_shape_group
 
-        build_shape_group()
+        build_shape_group(datetime.timedelta(minutes=timeout_minutes))
     set_seed(seed)
 
 

@@ -29,8 +29,9 @@ TO_NEXT_TAG, TO_PREV_TAG = 7001, 7002
 _SHAPE_GROUP: Optional[dist.ProcessGroup] = None
 
 
-def build_shape_group() -> None:
-    """Collective over the world: one gloo group per pipeline group (PP > 1)."""
+def build_shape_group(timeout=None) -> None:
+    """Collective over the world: one gloo group per pipeline group (PP > 1); `timeout` as
+    every other group's (new_group's default is not the world group's)."""
     global _SHAPE_GROUP
     _SHAPE_GROUP = None
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -40,7 +41,7 @@ def build_shape_group() -> None:
     dist.all_gather_object(everyone, mine)
     groups = sorted({tuple(r) for r in everyone})
     for ranks in groups:  # every rank creates every group, in the same order
-        g = dist.new_group(list(ranks), backend="gloo")
+        g = dist.new_group(list(ranks), backend="gloo", timeout=timeout)
         if dist.get_rank() in ranks:
             _SHAPE_GROUP = g
 

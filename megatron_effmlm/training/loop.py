@@ -83,6 +83,7 @@ class Trainer:
         # build is then honoured after the first step instead of killing the process.
         self.stop = stop or StopRequests(False, cfg.train.exit_duration_in_mins)
         par, t = cfg.parallel, cfg.train
+        dist_ckpt.check_save_dir(t.save, t.load, t.overwrite_save)  # before any compute
         # The layout is checked before megatron-core sees it: one clear error, not its assert.
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp_size = check_layout(cfg, world)
@@ -179,6 +180,7 @@ class Trainer:
                 t.load, self.model, self.optimizer, self.scheduler,
                 {"consumed_samples": 0, "train_flops": 0.0, "tokens_seen": 0.0, "train_seconds": 0.0,
                  "policy": self.policy.state_dict(), "run_info": {}},
+                vocab_size=cfg.model.vocab_size,
             )
             if extra is not None:
                 self._check_checkpoint_tokenizer(t.load, extra.get("run_info") or {})
@@ -219,7 +221,7 @@ class Trainer:
         if o.lr_warmup_fraction is not None and not 0.0 <= o.lr_warmup_fraction < 1.0:
             raise ConfigError(f"--lr-warmup-fraction {o.lr_warmup_fraction} is not in [0, 1)")
         if not t.train_flops_budget:
-            decay = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
+            decay = (o.lr_decay_iters or max(t.train_iters, 1)) * t.global_batch_size  # --train-iters 0: no step
             if o.lr_warmup_fraction is not None:
                 return round(o.lr_warmup_fraction * decay), decay
             return o.lr_warmup_iters * t.global_batch_size, decay
@@ -284,7 +286,7 @@ class Trainer:
             seq_length=self.cfg.model.seq_length,
             split=d.split,
             seed=t.seed,
-            train_samples=t.train_iters * t.global_batch_size,
+            train_samples=max(t.train_iters, 1) * t.global_batch_size,  # 0 iterations: still checks the data
             valid_samples=eval_samples,
             # The loop never reads the test split: one epoch of it, or a count for blends.
             test_samples=eval_samples if _has_weights(d.data_path) else None,
@@ -473,7 +475,8 @@ class Trainer:
         self._train_loop(t, progress, it, self.stop, valid_ds, window_t, window_tokens, window_flops)
         self.train_seconds = self._agreed_train_seconds()
         self._loop_t0 = time.time()
-        if t.save and (not t.save_interval or self.iteration % t.save_interval):
+        # --train-iters 0 saves the initial weights (iteration 0: weights only), whatever --save-interval
+        if t.save and (not t.save_interval or self.iteration % t.save_interval or t.train_iters == 0):
             self.save()
         progress.write_curve(t.loss_curve)
         progress.close()
