@@ -302,6 +302,8 @@ def _config_error(argv, world_size=1):
     (["--hidden-dropout", "1"], "--hidden-dropout must be in [0, 1), got 1.0"),
     (["--attention-dropout", "-0.1"], "--attention-dropout must be in [0, 1), got -0.1"),
     (["--sctd-kl-weight", "-1"], "--sctd-kl-weight must be >= 0, got -1.0"),
+    (["--train-iters", "-1"], "--train-iters must be >= 0, got -1"),
+    (["--train-iters", "0"], "--train-iters 0 writes the initial weights as a checkpoint: it needs --save"),
 ])
 def test_bad_values(argv, message):
     assert _config_error(argv) == message
@@ -414,3 +416,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(errors, tmp_path)
         assert os.path.isfile(ck / "iter_0000001" / ".metadata")
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_train_iters_0_accepts_a_warm_up():
+    """--train-iters 0 takes no step (it writes the initial weights): the configs' warm-up flags
+    must not make it an error."""
+    from megatron_effmlm.arguments import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(
+        ["--data-path", "d", "--tokenizer-dir", "t", "--train-iters", "0", "--lr-warmup-iters", "100", "--save", "s"]))
+    assert cfg.train.train_iters == 0 and cfg.optim.lr_warmup_iters == 100
