@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 import warnings
-from functools import partial
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:

@@ -59,3 +59,54 @@ def compare(ref, other, loss_rtol, min_cos):
             continue
         cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
         assert cos >= min_cos, (k, cos)
+
+
+def fused_and_default_adamw_steps(tok, batch, bf16: bool, steps: int = 3):
+    """Two copies of one small model, each with megatron-core's optimizer: one switched to torch's
+    fused AdamW (compat.gpu_fallbacks.fuse_torch_adamw), one on torch's default update; both
+    take `steps` steps from the same gradients (computed once and copied). Returns the two
+    optimizers' main parameters and the fused one's before the steps."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.model.builder import build_model
+
+    runs, start = [], None
+    for fused in (False, True):
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=2, seq_length=64, vocab_size=tok.vocab_size,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+        prec = PrecisionConfig(bf16=bf16)
+        ddp = build_model(cfg, ParallelConfig(), build_transformer_config(cfg, ParallelConfig(), prec))[0]
+        if start is None:  # the same initial weights for both (the RNG moved on after the first build)
+            start = {k: v.clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
+        ddp.module.load_state_dict(start, strict=False)  # before the optimizer copies its main parameters
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, bf16=bf16,
+                                                     params_dtype=prec.params_dtype), [ddp])
+        assert fuse_torch_adamw(opt) == 1
+        if not fused:  # the reference: torch's default update
+            for g in opt.optimizer.param_groups:
+                g.update(fused=False, foreach=None)
+        runs.append((ddp, opt))
+    (ddp_a, opt_a), (ddp_b, opt_b) = runs
+    before = [p.detach().clone() for g in opt_b.optimizer.param_groups for p in g["params"]]
+    for _ in range(steps):
+        for ddp, opt in runs:
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+        loss_and_grads(ddp_a.module, "vanilla", tok, batch)
+        ddp_a.finish_grad_sync()
+        for pa, pb in zip(ddp_a.module.parameters(), ddp_b.module.parameters()):
+            pb.main_grad.copy_(pa.main_grad)
+        opt_a.step()
+        opt_b.step()
+    assert opt_b.optimizer.param_groups[0]["fused"] is True and not opt_a.optimizer.param_groups[0]["fused"]
+    main = [[p for g in o.optimizer.param_groups for p in g["params"]] for o in (opt_a, opt_b)]
+    return main[0], main[1], before
+
+
+def assert_same_update(default, fused, before):
+    assert default and all(p.dtype == torch.float32 for p in fused)
+    assert all(not torch.equal(p, q) for p, q in zip(fused, before) if p.numel() > 1)  # it moved
+    for a, b in zip(default, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -118,11 +118,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_last_good_state(tmp_path, d
     assert os.path.isfile(os.path.join(ck, "iter_0000005", "metadata.json"))
 
 
-def test_a_rank_that_dies_ends_the_others_without_hanging(tmp_path, demo_data_prefix, demo_tokenizer_dir,
-                                                          test_cache_dir):
-    """Two processes as `srun` starts them (no torchrun to clean up): kill -9 one mid-run."""
-    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
-        "--train-iters": 100000, "--distributed-timeout-minutes": 0.5})
+def _two_ranks_at_iteration_3(tmp_path, args):
+    """Two trainer processes as `srun` starts them (no torchrun to clean up), returned once rank 0
+    has logged iteration 3; their logs are tmp_path/rank{0,1}.log."""
     port = _free_port()
     procs, logs = [], []
     for rank in (0, 1):
@@ -131,11 +129,23 @@ def test_a_rank_that_dies_ends_the_others_without_hanging(tmp_path, demo_data_pr
         logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
         procs.append(subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args], cwd=REPO_ROOT, stdout=logs[-1],
                                       stderr=subprocess.STDOUT, env=env))
+    deadline = time.time() + 180
+    while "iter      3/" not in open(tmp_path / "rank0.log").read():
+        if time.time() > deadline or procs[0].poll() is not None:
+            for p in procs:
+                p.kill()
+            raise AssertionError(open(tmp_path / "rank0.log").read()[-3000:])
+        time.sleep(0.1)
+    return procs, logs
+
+
+def test_a_rank_that_dies_ends_the_others_without_hanging(tmp_path, demo_data_prefix, demo_tokenizer_dir,
+                                                          test_cache_dir):
+    """Two processes as `srun` starts them (no torchrun to clean up): kill -9 one mid-run."""
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--train-iters": 100000, "--distributed-timeout-minutes": 0.5})
+    procs, logs = _two_ranks_at_iteration_3(tmp_path, args)
     try:
-        deadline = time.time() + 180
-        while "iter      3/" not in open(tmp_path / "rank0.log").read():
-            assert time.time() < deadline and procs[0].poll() is None, open(tmp_path / "rank0.log").read()[-3000:]
-            time.sleep(0.1)
         procs[1].kill()
         t = time.time()
         code = procs[0].wait(timeout=60)  # --distributed-timeout-minutes 0.5 bounds a hang
@@ -261,19 +271,8 @@ def test_a_stopped_rank_ends_the_others_after_the_distributed_timeout(tmp_path, 
     (a megatron-core group) after --distributed-timeout-minutes, with one clear error."""
     args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
         "--train-iters": 100000, "--distributed-timeout-minutes": 0.25})
-    port = _free_port()
-    procs, logs = [], []
-    for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
-        logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
-        procs.append(subprocess.Popen([PYTHON, "pretrain_effmlm.py", *args], cwd=REPO_ROOT, stdout=logs[-1],
-                                      stderr=subprocess.STDOUT, env=env))
+    procs, logs = _two_ranks_at_iteration_3(tmp_path, args)
     try:
-        deadline = time.time() + 180
-        while "iter      3/" not in open(tmp_path / "rank0.log").read():
-            assert time.time() < deadline and procs[0].poll() is None, open(tmp_path / "rank0.log").read()[-3000:]
-            time.sleep(0.1)
         os.kill(procs[1].pid, signal.SIGSTOP)
         t = time.time()
         try:

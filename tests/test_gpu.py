@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import GPU_TESTS, tiny_model_args
-from precision_helpers import H, L, METHODS, NH, batch_for
+from precision_helpers import METHODS, batch_for
 from precision_helpers import compare as _compare
 from precision_helpers import loss_and_grads as _run
 from precision_helpers import tiny_model as _model
@@ -133,45 +133,10 @@ def test_fused_adamw_fallback_same_training(mcore_single, demo_batch, demo_token
     the same gradients, three bf16 optimizer steps give the same fp32 main weights as torch's
     default (foreach) update. (Gradients are computed once and copied: cuDNN's backward is not
     bit-deterministic, and Adam's first steps amplify tiny gradient differences.)"""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
     from megatron_effmlm.model.backends import select_backends
-    from megatron_effmlm.model.builder import build_model
+    from precision_helpers import assert_same_update, fused_and_default_adamw_steps
 
     if select_backends().optimizer != "torch AdamW (fused)":
         pytest.skip("TE or Apex provides the fused Adam here")
-    tok = demo_tokenizer
-    batch = _batch(demo_batch, tok, "vanilla")
-    runs, start = [], None
-    for fused in (False, True):
-        cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=tok.vocab_size,
-                          hidden_dropout=0.0, attention_dropout=0.0)
-        prec = PrecisionConfig(bf16=True)
-        ddp = build_model(cfg, ParallelConfig(), build_transformer_config(cfg, ParallelConfig(), prec))[0]
-        if start is None:  # the same initial weights for both (the RNG moved on after the first build)
-            start = {k: v.clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
-        ddp.module.load_state_dict(start, strict=False)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16), [ddp])
-        assert fuse_torch_adamw(opt) == 1  # on a GPU without TE/Apex
-        if not fused:  # the reference: torch's default (foreach) update
-            for g in opt.optimizer.param_groups:
-                g.update(fused=False, foreach=None)
-        runs.append((ddp, opt))
-    (ddp_a, opt_a), (ddp_b, opt_b) = runs
-    for _ in range(3):
-        for ddp, opt in runs:
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-        _run(ddp_a.module, "vanilla", tok, batch)
-        ddp_a.finish_grad_sync()
-        for pa, pb in zip(ddp_a.module.parameters(), ddp_b.module.parameters()):
-            pb.main_grad.copy_(pa.main_grad)
-        opt_a.step()
-        opt_b.step()
-    assert opt_b.optimizer.param_groups[0]["fused"] is True and opt_a.optimizer.param_groups[0]["fused"] is False
-    main = [[p for g in o.optimizer.param_groups for p in g["params"]] for o in (opt_a, opt_b)]
-    assert main[0] and all(p.dtype == torch.float32 for p in main[1])
-    for a, b in zip(*main):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    batch = _batch(demo_batch, demo_tokenizer, "vanilla")
+    assert_same_update(*fused_and_default_adamw_steps(demo_tokenizer, batch, bf16=True))

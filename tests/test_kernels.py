@@ -183,52 +183,12 @@ def test_fused_torch_adamw_makes_the_same_update(mcore_single, demo_batch, demo_
     """compat.gpu_fallbacks.fuse_torch_adamw switches megatron-core's torch AdamW fallback to
     torch's fused kernel (on the CPU too): given the same gradients, three megatron-core
     optimizer steps give the same (fp32 main) weights as torch's default update."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron_effmlm.compat.cpu import cpu_bf16_error
-    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
-    from megatron_effmlm.model.builder import build_model
-    from precision_helpers import loss_and_grads
+    from precision_helpers import assert_same_update, fused_and_default_adamw_steps
 
     if precision == "bf16" and cpu_bf16_error():
         pytest.skip(cpu_bf16_error())
-    tok, bf16 = demo_tokenizer, precision == "bf16"
-    runs, start = [], None
-    for fused in (False, True):
-        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=2, seq_length=64, vocab_size=tok.vocab_size,
-                          hidden_dropout=0.0, attention_dropout=0.0)
-        prec = PrecisionConfig(bf16=bf16)
-        ddp = build_model(cfg, ParallelConfig(), build_transformer_config(cfg, ParallelConfig(), prec))[0]
-        if start is None:
-            start = {k: v.clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
-        ddp.module.load_state_dict(start, strict=False)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, bf16=bf16,
-                                                     params_dtype=prec.params_dtype), [ddp])
-        if bf16:
-            opt.reload_model_params()  # main parameters from the loaded weights
-        assert fuse_torch_adamw(opt) == 1
-        if not fused:  # the reference: torch's default update
-            for g in opt.optimizer.param_groups:
-                g.update(fused=False, foreach=None)
-        runs.append((ddp, opt))
-    (ddp_a, opt_a), (ddp_b, opt_b) = runs
-    before = [p.detach().clone() for g in opt_b.optimizer.param_groups for p in g["params"]]
-    for _ in range(3):
-        for ddp, opt in runs:
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-        loss_and_grads(ddp_a.module, "vanilla", tok, demo_batch)
-        ddp_a.finish_grad_sync()
-        for pa, pb in zip(ddp_a.module.parameters(), ddp_b.module.parameters()):
-            pb.main_grad.copy_(pa.main_grad)
-        opt_a.step()
-        opt_b.step()
-    assert opt_b.optimizer.param_groups[0]["fused"] is True and not opt_a.optimizer.param_groups[0]["fused"]
-    main = [[p for g in o.optimizer.param_groups for p in g["params"]] for o in (opt_a, opt_b)]
-    assert main[0] and all(p.dtype == torch.float32 for p in main[1])
-    assert all(not torch.equal(p, q) for p, q in zip(main[1], before) if p.numel() > 1)  # it moved
-    for a, b in zip(*main):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_same_update(*fused_and_default_adamw_steps(demo_tokenizer, demo_batch, precision == "bf16"))
 
 
 @pytest.mark.parametrize("method", ["vanilla", "3ml-cross"])
