@@ -9,6 +9,7 @@ Imports stay inside main(): dist_checkpointing's writer starts a spawn-context p
 that re-imports this module, which must then be cheap and must not train.
 """
 import logging
+import os
 import sys
 
 
@@ -33,7 +34,10 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, stop=stop)
         trainer.train()
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Bad flags and checkpoints are the same on every rank (checkpoint errors are agreed by
+        # all ranks): one line from rank 0, not one per process. Data can differ per node.
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

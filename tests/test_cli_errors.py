@@ -426,3 +426,14 @@ def test_train_iters_0_accepts_a_warm_up():
     cfg = config_from_args(build_parser().parse_args(
         ["--data-path", "d", "--tokenizer-dir", "t", "--train-iters", "0", "--lr-warmup-iters", "100", "--save", "s"]))
     assert cfg.train.train_iters == 0 and cfg.optim.lr_warmup_iters == 100
+
+
+def test_bad_flag_under_torchrun_is_one_error_line(demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """Two ranks, one bad value: one `error:` line (rank 0's), exit code 2 from both."""
+    from conftest import run_torchrun, tiny_model_args
+
+    args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, test_cache_dir + "/dc", **{
+        "--method": "token-drop", "--td-keep-ratio": "1.5"})
+    r = run_torchrun(2, ["pretrain_effmlm.py", *args], timeout=180)
+    errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and errors == ["error: --td-keep-ratio must be in (0, 1], got 1.5"], r.stderr[-2000:]
