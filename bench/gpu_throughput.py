@@ -230,6 +230,7 @@ def main(argv=None):
     start = time.perf_counter()
     import megatron.core
 
+    from megatron_effmlm.config import pad_vocab_size
     from megatron_effmlm.model.backends import select_backends
     from megatron_effmlm.parallel.init import initialize_distributed
 
@@ -258,7 +259,7 @@ def main(argv=None):
                 r.update(shape=shape, precision=precision, method=name,
                          mfu=r["model_tflops"] / peak if peak and "model_tflops" in r else None)
                 ns = argparse.Namespace(seq_length=a.seq_length, num_layers=L, hidden_size=d,
-                                        model_vocab_padded=((a.vocab + 127) // 128) * 128,
+                                        model_vocab_padded=pad_vocab_size(a.vocab),
                                         decoder_layers=a.decoder_layers, td_keep_ratio=a.td_keep_ratio,
                                         ltd_len=a.ltd_start)
                 r["predicted_flops_per_seq"] = predicted_flops(ns, "megatron-bert" if name == BASELINE else name)

@@ -747,13 +747,14 @@ def main(argv=None):
     start = time.perf_counter()
 
     from megatron_effmlm.parallel.init import initialize_distributed
+    from megatron_effmlm.config import pad_vocab_size
     from megatron_effmlm.plans.random_ltd import ltd_length
 
     initialize_distributed(1, 1, None, a.seed)
     tok, batches = build_data(a, log)
     a.model_vocab = auto_vocab(a.num_layers, a.hidden_size, a.seq_length) if a.vocab == "auto" else int(a.vocab)
     a.model_vocab = max(a.model_vocab, tok.vocab_size)
-    a.model_vocab_padded = ((a.model_vocab + 127) // 128) * 128
+    a.model_vocab_padded = pad_vocab_size(a.model_vocab)
     a.ltd_len = ltd_length(0, a.seq_length, a.ltd_start, 1000, 16)
     a.tag = a.tag or device_tag() + ("" if a.precisions == ["fp32"] else "_" + "-".join(a.precisions))
     real = float(torch.stack([b["padding_mask"].float().mean() for b in batches["vanilla"]]).mean())

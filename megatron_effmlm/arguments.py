@@ -383,7 +383,8 @@ _NON_NEGATIVE = ("train_iters", "lr", "min_lr", "weight_decay", "clip_grad", "lr
                  "exit_interval", "ltd_steps", "num_tokentypes", "hysteresis", "sctd_kl_weight", "fp8_margin")
 # (low, high, high included): [low, high) or [low, high]
 _FRACTIONS = {"hidden_dropout": (0.0, 1.0, False), "attention_dropout": (0.0, 1.0, False),
-              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "td_beta": (0.0, 1.0, True)}
+              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "td_beta": (0.0, 1.0, True),
+              "lr_warmup_fraction": (0.0, 1.0, False)}
 
 
 def _flag(dest: str) -> str:

@@ -303,6 +303,7 @@ def _config_error(argv, world_size=1):
     (["--attention-dropout", "-0.1"], "--attention-dropout must be in [0, 1), got -0.1"),
     (["--sctd-kl-weight", "-1"], "--sctd-kl-weight must be >= 0, got -1.0"),
     (["--train-iters", "-1"], "--train-iters must be >= 0, got -1"),
+    (["--lr-warmup-fraction", "1"], "--lr-warmup-fraction must be in [0, 1), got 1.0"),
     (["--train-iters", "0"], "--train-iters 0 writes the initial weights as a checkpoint: it needs --save"),
 ])
 def test_bad_values(argv, message):

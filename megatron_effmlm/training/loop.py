@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from typing import Optional
 
 import torch
@@ -217,16 +216,12 @@ class Trainer:
 
     def _schedule_span(self):
         """(warm-up, decay) lengths in the scheduler's units: samples, or budget units."""
-        o, t = self.cfg.optim, self.cfg.train
-        if o.lr_warmup_fraction is not None and not 0.0 <= o.lr_warmup_fraction < 1.0:
-            raise ConfigError(f"--lr-warmup-fraction {o.lr_warmup_fraction} is not in [0, 1)")
+        o, t = self.cfg.optim, self.cfg.train  # values checked by arguments.check_values
         if not t.train_flops_budget:
             decay = (o.lr_decay_iters or max(t.train_iters, 1)) * t.global_batch_size  # --train-iters 0: no step
             if o.lr_warmup_fraction is not None:
                 return round(o.lr_warmup_fraction * decay), decay
             return o.lr_warmup_iters * t.global_batch_size, decay
-        if t.train_flops_budget <= 0:
-            raise ConfigError(f"--train-flops-budget {t.train_flops_budget} is not positive")
         if o.lr_decay_iters:
             raise ConfigError("--lr-decay-iters does not apply with --train-flops-budget: the schedule decays "
                               "over the budget")
