@@ -73,8 +73,8 @@ CONFIGS = {
     "cpu": dict(model=["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
                        "--seq-length", "128"],
                 micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
-                vanilla_iters_at_b=1200, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
-                finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=None),
+                vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
+                finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=2000),
                 eval_sequences=512, nproc=2, in_process=False),
     "quick": dict(model=["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
                          "--seq-length", "64", "--no-bias-gelu-fusion", "--hidden-dropout", "0",
@@ -186,24 +186,29 @@ def iteration_flops(argv, vocab: int) -> float:
 
 
 def plan_runs(a, c, vocab: int):
-    """[(name, method, budget fraction, pretrain argv)] in execution order (small budgets first)."""
+    """[(name, method, budget fraction, pretrain argv, budget FLOPs)] in execution order: the
+    floor, the baseline at every budget (it calibrates the study: see its loss first), then the
+    other methods, small budgets first."""
     base = common_pretrain_args(a, c)
     b_flops = a.vanilla_iters_at_b * iteration_flops(base + METHODS[BASELINE] + a.pretrain_args, vocab)
     # The floor: the same architecture, randomly initialised (one step at lr 0 writes the checkpoint).
     runs = [(FLOOR, FLOOR, 0.0, base + a.pretrain_args + ["--train-iters", "1", "--lr", "0", "--min-lr", "0"], 0.0)]
     seq = int(c["model"][c["model"].index("--seq-length") + 1])
-    for frac in sorted(a.budgets):
-        for m in a.methods:
-            flags = list(METHODS[m])
-            per_iter = iteration_flops(base + flags + a.pretrain_args, vocab)
-            est = math.ceil(frac * b_flops / per_iter)
-            if m == "random-ltd":  # grow from half the length over 70% of the run (DeepSpeed's shape)
-                flags += ["--ltd-start", str(seq // 2), "--ltd-steps", str(max(1, int(0.7 * est))),
-                          "--ltd-granularity", str(max(1, seq // 8))]
-            # --train-iters only caps the run: the measured step may cost less than the model's
-            argv = base + flags + ["--train-flops-budget", f"{frac * b_flops:.6e}", "--train-iters",
-                                   str(3 * est + 10), "--log-interval", str(max(1, est // 20))] + a.pretrain_args
-            runs.append((f"{m}@{frac:g}B", m, frac, argv, frac * b_flops))
+    order = [(BASELINE, f) for f in sorted(a.budgets)] + \
+        [(m, f) for f in sorted(a.budgets) for m in a.methods if m != BASELINE]
+    for m, frac in order:
+        flags = list(METHODS[m])
+        per_iter = iteration_flops(base + flags + a.pretrain_args, vocab)
+        est = math.ceil(frac * b_flops / per_iter)
+        if m == "random-ltd":  # grow from half the length over 70% of the run (DeepSpeed's shape)
+            flags += ["--ltd-start", str(seq // 2), "--ltd-steps", str(max(1, int(0.7 * est))),
+                      "--ltd-granularity", str(max(1, seq // 8))]
+        # --train-iters only caps the run: the measured step may cost less than the model's
+        # checkpoints every quarter: a sitting that ends mid-run resumes there
+        argv = base + flags + ["--train-flops-budget", f"{frac * b_flops:.6e}", "--train-iters",
+                               str(3 * est + 10), "--log-interval", str(max(1, est // 20)),
+                               "--save-interval", str(max(1, est // 4))] + a.pretrain_args
+        runs.append((f"{m}@{frac:g}B", m, frac, argv, frac * b_flops))
     return runs, b_flops
 
 
@@ -437,7 +442,7 @@ def write_outputs(a, c, results, b_flops):
           f"B = {b_flops:.3e} training FLOPs (FLOP model) = {a.vanilla_iters_at_b} vanilla iterations; budgets "
           f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. "
           f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
-          f"(unigram baseline {res['unigram_loss']:.3f}).", "",
+          + (f"(unigram baseline {res['unigram_loss']:.3f})." if res["unigram_loss"] is not None else "."), "",
           "| run | FLOPs | train s | iterations | held-out loss | gap to unigram | "
           + " | ".join(f"{t} acc" for t in tasks) + " | mean acc |",
           "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
@@ -485,6 +490,16 @@ def write_outputs(a, c, results, b_flops):
     return stem
 
 
+def check_same_plan(result_path, argv):
+    """A finished run is reused only if it ran this plan's command line (another B, learning rate
+    or flag would mix two studies in one table)."""
+    done = _load(result_path)["pretrain_args"]
+    if done != argv:
+        diff = sorted(set(done) ^ set(argv))[:6]
+        fail(f"{result_path} was run with other flags than this plan's (differing: {' '.join(diff)}); "
+             "use another --runs-dir, or move that run away")
+
+
 def _hms(s):
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -512,10 +527,24 @@ def main(argv=None):
     # ETA: each run costs a fixed part (evaluation, export, fine-tuning) plus pre-training in
     # proportion to its budget; both rates are measured on the runs of this sitting.
     overheads, pre_seconds, pre_budget = [], 0.0, 0.0
-    todo = [r for r in runs if not os.path.isfile(os.path.join(a.runs_dir, r[0], "result.json"))]
+    # Each finished run's result also goes beside the results (committed with them): a later
+    # sitting on another machine, without this one's runs folder, skips it too.
+    kept_dir = os.path.join(a.results_dir, f"method_quality_{a.config}_runs")
+    os.makedirs(kept_dir, exist_ok=True)
+
+    def finished(name):
+        for path in (os.path.join(a.runs_dir, name, "result.json"), os.path.join(kept_dir, f"{name}.json")):
+            if os.path.isfile(path):
+                return path
+        return None
+
+    for name, _, _, argv_, _ in runs:  # before any compute
+        if finished(name):
+            check_same_plan(finished(name), argv_)
+    todo = [r for r in runs if not finished(r[0])]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
-        path = os.path.join(a.runs_dir, name, "result.json")
-        if os.path.isfile(path):
+        path = finished(name)
+        if path:
             results.append(_load(path))
             print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
             continue
@@ -529,6 +558,8 @@ def main(argv=None):
         t0 = time.time()
         r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
         results.append(r)
+        _atomic_json(os.path.join(kept_dir, f"{name}.json"), r)
+        write_outputs(a, c, results, b_flops)  # the table so far
         pre = r["stage_seconds"]["pretrain"]
         overheads.append(r["seconds"] - pre)
         if budget:

@@ -113,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bert-binary-head", action="store_true", help="BERT two-segment input and sentence-order head")
     g.add_argument("--transformer-impl", default="auto", choices=["auto", "local", "transformer_engine"],
                    help="layer spec: Transformer Engine where TE and a GPU exist (auto), else megatron-core's local")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "local", "flash", "fused", "unfused"],
-                   help="local spec: sdpa (torch fused attention, auto on a GPU) or local (megatron-core's "
-                        "unfused); Transformer Engine: flash, fused, unfused or auto")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "sdpa", "varlen", "local", "flash", "fused", "unfused"],
+                   help="local spec: varlen (live tokens packed by row, no padding mask: torch's flash "
+                        "varlen_attn; auto on a GPU in bf16/fp16 with --attention-dropout 0; on CPU a slow "
+                        "reference), sdpa (torch fused attention with a padding mask, auto on a GPU otherwise) "
+                        "or local (megatron-core's unfused); Transformer Engine: flash, fused, unfused or auto")
     g.add_argument("--model-arch", default="megatron-bert", choices=["megatron-bert", "bert", "roberta"],
                    help="megatron-bert: pre-LayerNorm (megatron-core); bert, roberta: post-LayerNorm with an "
                         "embedding LayerNorm, as the original models (tools/export_hf.py)")
@@ -315,7 +318,7 @@ def config_from_args(a) -> RunConfig:
     from megatron_effmlm.model.backends import select_backends
 
     try:
-        select_backends(a.transformer_impl, a.attention_backend)
+        select_backends(a.transformer_impl, a.attention_backend, a.attention_dropout, a.bf16 or a.fp16)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     par = ParallelConfig(

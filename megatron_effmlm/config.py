@@ -45,7 +45,7 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     bert_binary_head: bool = False
     transformer_impl: str = "auto"  # "local" | "transformer_engine" | "auto"
-    attention_backend: str = "auto"  # local spec: sdpa | local; TE: flash | fused | unfused; auto
+    attention_backend: str = "auto"  # local spec: sdpa | varlen | local; TE: flash | fused | unfused; auto
     bias_gelu_fusion: bool = True  # megatron-core's fused bias+GELU / bias+dropout+add, on a GPU
     bias_dropout_fusion: bool = True
     # Megatron-LM's --attention-softmax-in-fp32 (off by default there too): a 16-bit model's attention
@@ -154,7 +154,8 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
     from megatron_effmlm.model.backends import select_backends
 
     on_gpu = torch.cuda.is_available()
-    kernels = select_backends(model.transformer_impl, model.attention_backend)
+    kernels = select_backends(model.transformer_impl, model.attention_backend, model.attention_dropout,
+                              prec.bf16 or prec.fp16)
     te_attention = {}
     if kernels.transformer_impl == "transformer_engine":
         from megatron.core.transformer.enums import AttnBackend

@@ -118,8 +118,17 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     redo = runs / "vanilla-40@0.5B"
     kept = json.load(open(redo / "result.json"))
     shutil.rmtree(redo)
+    (results / "method_quality_quick_runs" / "vanilla-40@0.5B.json").unlink()
+    # a run whose folder is gone but whose result was kept beside the results (another machine)
+    shutil.rmtree(runs / "token-drop@1B")
     third = _run(repo_root, args + ["--subprocesses"]).stdout
     assert third.count("done before, skipped") == 14 and "vanilla-40@0.5B: running" in third
     r = json.load(open(redo / "result.json"))
     assert r["train_flops"] == kept["train_flops"] and r["mask_sha1"] == kept["mask_sha1"]
     assert r["heldout_loss"] == pytest.approx(kept["heldout_loss"], abs=1e-3)
+
+    # another B is another study: its runs are not taken for this one's
+    r = subprocess.run([sys.executable, *args, "--vanilla-iters-at-b", "5"], cwd=repo_root, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
+    assert f"error: {runs}/vanilla-15@0.5B/result.json was run with other flags than this plan's" in r.stderr

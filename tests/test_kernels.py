@@ -63,7 +63,8 @@ def _model(vocab, attention="local", decoder_layers=0, decoder_type="self"):
                       decoder_type=decoder_type, transformer_impl="local", attention_backend=attention)
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
     return MLMModel(tc, get_layer_spec("local", L, attention)[0], cfg.padded_vocab_size(), 64,
-                    decoder_layers=decoder_layers, decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None)
+                    decoder_layers=decoder_layers, decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None,
+                    packed_attention=attention == "varlen")
 
 
 def _policy(method, tok):
@@ -115,6 +116,72 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(demo_batch, demo_t
     assert g1.keys() == g2.keys()
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_attention_equals_padded_sdpa(demo_batch, demo_tokenizer, method):
+    """--attention-backend varlen (live tokens packed by row, segment bounds instead of a mask;
+    on CPU the segment-by-segment reference of varlen_attn's interface) against padded SDPA:
+    the same loss and gradients for every method, cross-attention included."""
+    tok = demo_tokenizer
+    dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
+    ref = _model(tok.vocab_size, "sdpa", **dec)
+    packed = _model(tok.vocab_size, "varlen", **dec)
+    packed.load_state_dict(ref.state_dict())
+    masks = []
+    layers = list(packed.encoder.layers) + (list(packed.decoder.layers) if packed.decoder is not None else [])
+    cores = [l.self_attention.core_attention for l in layers]
+    cores += [l.cross_attention.core_attention for l in layers if hasattr(l.cross_attention, "core_attention")]
+    for core in cores:
+        core.register_forward_pre_hook(lambda mod, args: masks.append(args[3]))
+    batch = _batch(demo_batch, tok, method)
+    l1, g1 = _loss_and_grads(ref, _policy(method, tok), batch, 0)
+    l2, g2 = _loss_and_grads(packed, _policy(method, tok), batch, 0)
+    assert masks and all(m.dtype == torch.int32 for m in masks)  # every core attention ran packed
+    if method == "3ml-cross":
+        assert any(m.shape[0] == 2 for m in masks)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_packed_attention_function_against_masked_sdpa(cross):
+    """packed_attention on ragged rows (a full row, so a zero-length padded segment; a row of
+    one token) equals SDPA with the padding mask at every valid query."""
+    from megatron_effmlm.model.engine import LiveSet
+    from megatron_effmlm.model.packed_attention import live_packing, packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, n, heads, hn = 3, 7, 2, 4
+    q_valid = LiveSet.from_mask(torch.tensor([[1] * 7, [1, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0]]).bool()).valid
+    kv_valid = LiveSet.from_mask(torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]).bool()).valid \
+        if cross else q_valid
+    nq, nk = q_valid.shape[1], kv_valid.shape[1]
+    q = torch.randn(nq, b, heads, hn, generator=g, requires_grad=True)
+    k, v = (torch.randn(nk, b, heads, hn, generator=g, requires_grad=True) for _ in range(2))
+    packing = live_packing(q_valid, kv_valid if cross else None)
+    out = packed_attention(q, k, v, packing, scale=None)  # [nq, b, heads * hn]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=kv_valid[:, None, None, :])
+    ref = ref.permute(2, 0, 1, 3).reshape(nq, b, heads * hn)
+    sel = q_valid.t()  # [nq, b]
+    torch.testing.assert_close(out[sel], ref[sel], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(out).all()  # padded queries too
+    gq = torch.autograd.grad((out[sel] ** 2).sum(), (q, k, v))
+    gr = torch.autograd.grad((ref[sel] ** 2).sum(), (q, k, v))
+    for a, r in zip(gq, gr):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_attention_needs_no_dropout_and_says_so():
+    with pytest.raises(ValueError) as e:
+        select_backends("local", "varlen", attention_dropout=0.1)
+    assert str(e.value) == "--attention-backend varlen has no attention dropout: use --attention-dropout 0 (not 0.1)"
+    b = select_backends("local", "varlen")
+    assert b.attention == "varlen" and "reference implementation" in b.reasons["attention"]
+    assert select_backends("auto", "auto", 0.0, True).attention == "local"  # CPU: padded path stays the default
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -24,6 +24,9 @@ METHOD_LAYOUTS = {
     "pp2": ["--pipeline-model-parallel-size", "2"],  # token dropping: drop and restore on stage 2; 3ML: injection mid-stage
     # interleaved schedule on a ring of two: each rank's previous and next stage are the same rank
     "pp2_vpp": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+    # packed live tokens (segment bounds, no mask; CPU: varlen_attn's reference) against the padded one-process run
+    "tp2sp_varlen": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--attention-backend", "varlen"],
+    "pp2_varlen": ["--pipeline-model-parallel-size", "2", "--attention-backend", "varlen"],
 }
 METHOD_LAYOUTS_4 = {  # 4 processes
     "pp4": ["--pipeline-model-parallel-size", "4"],  # one layer per stage: drop and restore on different stages

@@ -84,11 +84,14 @@ class Backends:
         return "; ".join(f"{k}: {v}" for k, v in self.reasons.items())
 
 
-ATTENTION_CHOICES = ("auto", "sdpa", "local", "flash", "fused", "unfused")
+ATTENTION_CHOICES = ("auto", "sdpa", "varlen", "local", "flash", "fused", "unfused")
 
 
-def select_backends(transformer_impl: str = "auto", attention_backend: str = "auto") -> Backends:
-    """Resolve --transformer-impl and --attention-backend against this machine.
+def select_backends(transformer_impl: str = "auto", attention_backend: str = "auto", attention_dropout: float = 0.0,
+                    half: bool = False) -> Backends:
+    """Resolve --transformer-impl and --attention-backend against this machine. `auto` packs the
+    live tokens (varlen) on a GPU whose torch has flash varlen attention, when the run is in
+    bf16/fp16 and has no attention dropout (the kernel has none); else SDPA with a padding mask.
 
     Raises ValueError naming the flag when an explicit request cannot be met."""
     te_ok, te_why = te_status()
@@ -108,7 +111,7 @@ def select_backends(transformer_impl: str = "auto", attention_backend: str = "au
     if attention_backend not in ATTENTION_CHOICES:
         raise ValueError(f"--attention-backend {attention_backend!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
     if transformer_impl == "transformer_engine":
-        if attention_backend in ("sdpa", "local"):
+        if attention_backend in ("sdpa", "varlen", "local"):
             raise ValueError(f"--attention-backend {attention_backend} is for --transformer-impl local; "
                              "Transformer Engine takes auto, flash, fused or unfused")
         attention = "te"
@@ -117,10 +120,25 @@ def select_backends(transformer_impl: str = "auto", attention_backend: str = "au
         if attention_backend in ("flash", "fused", "unfused"):
             raise ValueError(f"--attention-backend {attention_backend} selects a Transformer Engine kernel; "
                              "with --transformer-impl local choose auto, sdpa or local")
+        from megatron_effmlm.model.packed_attention import varlen_status
+
         sdpa_ok, sdpa_why = sdpa_status()
+        varlen_ok, varlen_why = varlen_status()
+        if attention_backend == "varlen" and attention_dropout > 0:
+            raise ValueError(f"--attention-backend varlen has no attention dropout: use --attention-dropout 0 "
+                             f"(not {attention_dropout:g})")
         if attention_backend == "auto":
             attention = "sdpa" if sdpa_ok else "local"
-            reasons["attention"] = f"{attention} ({sdpa_why})"
+            why = sdpa_why
+            if varlen_ok and half and attention_dropout == 0:
+                attention, why = "varlen", varlen_why
+            elif varlen_ok:
+                why += f"; not varlen: {'attention dropout' if attention_dropout else 'fp32'}"
+            reasons["attention"] = f"{attention} ({why})"
+        elif attention_backend == "varlen" and not varlen_ok:
+            attention = "varlen"
+            reasons["attention"] = f"varlen (requested; {varlen_why}: the reference implementation, segment by " \
+                                   "segment, slow)"
         else:
             attention = attention_backend
             reasons["attention"] = f"{attention} (requested)"

@@ -25,9 +25,11 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
     chunks = []
     for vp in range(vp_size):
         vp_stage = vp if vp_size > 1 else None
+        half = transformer_config.bf16 or transformer_config.fp16
         spec, impl, backends = get_layer_spec(
             model_cfg.transformer_impl, get_num_layers_to_build(transformer_config, vp_stage=vp_stage),
             model_cfg.attention_backend, post_layernorm=model_cfg.post_layernorm,
+            attention_dropout=model_cfg.attention_dropout, half=half,
         )
         chunks.append(
             MLMModel(
@@ -42,10 +44,11 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
                 add_binary_head=model_cfg.bert_binary_head,
                 vp_stage=vp_stage,
                 decoder_layers=model_cfg.decoder_layers,
-                decoder_layer_spec=decoder_spec(model_cfg) if model_cfg.decoder_layers else None,
+                decoder_layer_spec=decoder_spec(model_cfg, half) if model_cfg.decoder_layers else None,
                 post_layernorm=model_cfg.post_layernorm,
                 num_tokentypes=model_cfg.num_tokentypes,
                 lm_head_chunk_size=model_cfg.lm_head_chunk_size,
+                packed_attention=backends.attention == "varlen",
             )
         )
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
@@ -132,9 +135,10 @@ def allreduce_tied_injection_grads(model) -> None:
         dist.all_reduce(grad, group=ps.get_embedding_group())
 
 
-def decoder_spec(model_cfg: ModelConfig):
+def decoder_spec(model_cfg: ModelConfig, half: bool = False):
     # 3ML's decoder is pre-training machinery, pre-LN whatever the encoder (export drops it).
-    spec, impl, b = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers, model_cfg.attention_backend)
+    spec, impl, b = get_layer_spec(model_cfg.transformer_impl, model_cfg.decoder_layers, model_cfg.attention_backend,
+                                   attention_dropout=model_cfg.attention_dropout, half=half)
     return with_cross_attention(spec, impl, b.attention) if model_cfg.decoder_type == "cross" else spec
 
 

@@ -165,7 +165,7 @@ class PlanRunner:
     """Executes a plan over a sequence of layers; holds the step's transient state only."""
 
     def __init__(self, plan: TokenPlan, real: Tensor, rotary: Optional[Tensor] = None, sp: int = 1,
-                 align: int = 1):
+                 align: int = 1, packed: bool = False):
         # Sequence parallelism: h holds n / sp tokens per TP rank; every live set is padded so
         # n divides, and plan steps work on the gathered sequence. FP8 GEMMs need n to be a
         # multiple of 16 (`align`): the padded slots are invalid (masked keys, never predicted,
@@ -187,9 +187,30 @@ class PlanRunner:
         self.captured: Dict[int, Tensor] = {}
         self.context: Optional[Tensor] = None  # 3ML-cross: the encoder output, [n_enc, b, H]
         self.context_mask: Optional[Tensor] = None
+        self.context_valid: Optional[Tensor] = None  # [b, n_enc]
+        # packed: attention gets segment bounds instead of a padding mask (model/packed_attention.py)
+        self.packed = packed
+        self._packings: Dict[tuple, tuple] = {}  # per (query, key) live set: bounds are made once
 
     def attention_mask(self) -> Tensor:
-        return (~self.live.valid)[:, None, None, :]  # [b, 1, 1, n], True = blocked
+        """[b, 1, 1, n] True = blocked; with packed attention the live set's segment bounds."""
+        if self.packed:
+            return self._packing(self.live.valid)
+        return (~self.live.valid)[:, None, None, :]
+
+    def cross_attention_mask(self) -> Tensor:
+        """The decoder's mask over the encoder output (keys): [b, 1, 1, n_enc] or, packed, bounds."""
+        if self.packed:
+            return self._packing(self.live.valid, self.context_valid)
+        return self.context_mask
+
+    def _packing(self, q_valid: Tensor, kv_valid: Optional[Tensor] = None) -> Tensor:
+        from megatron_effmlm.model.packed_attention import live_packing
+
+        key = (id(q_valid), id(kv_valid))  # the entry holds both tensors, so their ids stay theirs
+        if key not in self._packings:
+            self._packings[key] = (q_valid, kv_valid, live_packing(q_valid, kv_valid))
+        return self._packings[key][2]
 
     def rotary(self) -> Optional[Tensor]:
         if self.rotary_full is None:
@@ -220,7 +241,8 @@ class PlanRunner:
         T = self.plan.seq_len
         base = self.stash
         if step.inject and self.plan.decoder_context:
-            self.context, self.context_mask = h, self.attention_mask()  # sharded, as cross-attention wants
+            self.context, self.context_valid = h, self.live.valid  # sharded, as cross-attention wants
+            self.context_mask = (~self.live.valid)[:, None, None, :]
         h = self._gather(h)
         full = to_full(h, self.live, base, T)
         if step.snapshot:
@@ -293,7 +315,8 @@ class PlanRunner:
             elif name == "stash":
                 self.stash = scatter_live(rows.new_zeros(T + 1, rows.shape[1], rows.shape[2]), rows, part)
             elif name == "context":
-                self.context, self.context_mask = self._scatter(rows), (~part.valid)[:, None, None, :]
+                self.context, self.context_valid = self._scatter(rows), part.valid
+                self.context_mask = (~part.valid)[:, None, None, :]
             else:
                 self.captured[int(name[8:])] = rows[0]
         assert start <= carry.shape[0] < start + self.sp, f"carry of {carry.shape[0]} rows, plan expects {start}"

@@ -62,8 +62,11 @@ class MLMModel(LanguageModule):
         post_layernorm: bool = False,
         num_tokentypes: int = 0,
         lm_head_chunk_size: int = 0,
+        packed_attention: bool = False,
     ):
         super().__init__(config=config)
+        # the layers' core attention takes packed live tokens (--attention-backend varlen)
+        self.packed_attention = packed_attention
         # > 0: the LM head and loss run on chunks of this many predicted rows, each recomputed in
         # backward, so the [m, V/tp] fp32 logits never exist in full (chunked_head_losses).
         self.lm_head_chunk_size = lm_head_chunk_size
@@ -221,7 +224,7 @@ class MLMModel(LanguageModule):
             rotary = torch.cat([rotary, rotary[:1]], 0)  # + the bin row
         c = self.config
         return PlanRunner(plan, padding_mask, rotary=rotary, sp=c.tensor_model_parallel_size if c.sequence_parallel else 1,
-                          align=self.live_token_multiple)
+                          align=self.live_token_multiple, packed=self.packed_attention)
 
     def _first_layer_index(self) -> int:
         return self.encoder.layers[0].layer_number - 1
@@ -301,7 +304,7 @@ class MLMModel(LanguageModule):
             idx = first_index + i  # global layer index: encoder 0..L-1, then the decoder
             hidden = runner.before_layer(idx, hidden)
             context = runner.context if decoder else None
-            context_mask = runner.context_mask if decoder else None
+            context_mask = runner.cross_attention_mask() if context is not None else None
             if context is not None and self._te_cross_attention:
                 # TE's padding mask for attention between different lengths: (queries, keys)
                 context_mask = (runner.attention_mask(), context_mask)

@@ -53,14 +53,19 @@ def _sdpa_attention_class():
     from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from megatron_effmlm.model.packed_attention import is_packing, packed_attention
+
     class SDPAttention(DotProductAttention):
         """megatron-core's DotProductAttention computed by torch's fused
         `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU): the local
         spec's fast attention where Transformer Engine is missing. Same parameters, same
-        masks (True = blocked), same RNG tracker for attention dropout."""
+        masks (True = blocked), same RNG tracker for attention dropout. Given the engine's
+        packing (int32 segment bounds) where the mask goes, it attends over packed live tokens
+        (--attention-backend varlen)."""
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
+            packed = is_packing(attention_mask)
             if self.softmax_offset is not None or attention_bias is not None or packed_seq_params is not None \
                     or getattr(self.scale_mask_softmax, "window_size", None) is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
@@ -68,6 +73,10 @@ def _sdpa_attention_class():
             rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             if rep > 1:
                 key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
+            if packed:  # live tokens packed by rows, no mask (model/packed_attention.py)
+                if self.training and self.attention_dropout.p > 0:
+                    raise RuntimeError("packed attention has no dropout: use --attention-dropout 0")
+                return packed_attention(query, key, value, attention_mask, self.softmax_scale)
             # [s, b, np, hn] -> [b, np, s, hn]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
             allowed = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
@@ -95,7 +104,7 @@ def _local_block_spec(num_layers: int, attention: str = "local"):
     if not bert_layer_specs.HAVE_APEX:
         norm = TorchLayerNorm
         sub = dataclasses.replace(sub, input_layernorm=norm, pre_mlp_layernorm=norm)
-    if attention == "sdpa":
+    if attention in ("sdpa", "varlen"):
         attn = sub.self_attention
         attn = ModuleSpec(module=attn.module, params=attn.params,
                           submodules=dataclasses.replace(attn.submodules, core_attention=_sdpa_attention_class()))
@@ -125,7 +134,7 @@ def with_cross_attention(block_spec, transformer_impl: str, attention: str = "lo
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        core = _sdpa_attention_class() if attention == "sdpa" else DotProductAttention
+        core = _sdpa_attention_class() if attention in ("sdpa", "varlen") else DotProductAttention
         q, kv, proj = ColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
         norm = block_spec.layer_norm
     from megatron_effmlm.model import dropout
@@ -152,9 +161,10 @@ def with_cross_attention(block_spec, transformer_impl: str, attention: str = "lo
 
 
 def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, attention_backend: str = "auto",
-                   post_layernorm: bool = False):
+                   post_layernorm: bool = False, attention_dropout: float = 0.0, half: bool = False):
     """Return (block spec, resolved transformer_impl, `Backends`) for `num_layers` layers.
-    `post_layernorm`: original BERT/RoBERTa blocks (model/post_ln.py), local modules only."""
+    `post_layernorm`: original BERT/RoBERTa blocks (model/post_ln.py), local modules only.
+    `attention_dropout`, `half` (bf16/fp16): what `auto` needs to choose packed attention."""
     from megatron_effmlm.model.backends import select_backends
 
     with warnings.catch_warnings():
@@ -166,7 +176,7 @@ def get_layer_spec(transformer_impl: str = "auto", num_layers: int = 1, attentio
             raise ValueError("--transformer-impl transformer_engine: post-LayerNorm layers (--model-arch bert|roberta) "
                              "exist for the local spec only")
         transformer_impl = "local"
-    b = select_backends(transformer_impl, attention_backend)
+    b = select_backends(transformer_impl, attention_backend, attention_dropout, half)
     if post_layernorm:
         b.reasons["layer spec"] = "local (post-LayerNorm layers use the local spec)"
     if b.transformer_impl == "transformer_engine":
