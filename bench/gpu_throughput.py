@@ -145,13 +145,14 @@ def build_runner(a, name, shape, precision, tok, batches):
         # with that, then put in the same SDPA attention our models use (it has no parameters).
         from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 
-        spec, impl, kernels = get_layer_spec(a.transformer_impl, 1, a.attention_backend)
+        spec, impl, kernels = get_layer_spec(a.transformer_impl, 1, a.attention_backend,
+                                             attention_dropout=a.dropout, half=precision != "fp32")
         bert = BertModel(config=tconfig, num_tokentypes=0,
                          transformer_layer_spec=bert_layer_local_spec if impl == "local" else spec.layer_specs[0],
                          vocab_size=mcfg.padded_vocab_size(), max_sequence_length=mcfg.max_position_embeddings,
                          pre_process=True, post_process=True, share_embeddings_and_output_weights=True,
                          parallel_output=True, add_binary_head=False)
-        if impl == "local" and kernels.attention == "sdpa":
+        if impl == "local" and kernels.attention in ("sdpa", "varlen"):  # BertModel cannot pack: padded SDPA
             from megatron_effmlm.model.specs import _sdpa_attention_class
 
             for layer in bert.encoder.layers:
@@ -235,7 +236,7 @@ def main(argv=None):
     from megatron_effmlm.parallel.init import initialize_distributed
 
     initialize_distributed(1, 1, None, a.seed)
-    kernels = select_backends(a.transformer_impl, a.attention_backend)
+    kernels = select_backends(a.transformer_impl, a.attention_backend, a.dropout, half=True)
     log(f"device: {device_name()} | kernels: {kernels.summary()}")
     tok, batches = build_data(a, log)
     precisions = resolve_precisions(a.precisions)

@@ -75,14 +75,14 @@ CONFIGS = {
                 micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
                 vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
                 finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=2000),
-                eval_sequences=512, nproc=2, in_process=False),
+                eval_sequences=512, nproc=2, in_process=False, timing_iters=(10, 40), timing_rounds=2),
     "quick": dict(model=["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
                          "--seq-length", "64", "--no-bias-gelu-fusion", "--hidden-dropout", "0",
                          "--attention-dropout", "0"],
                   micro_batch_size=4, global_batch_size=8, lr=1e-3, min_lr=1e-5, warmup_fraction=0.2,
                   vanilla_iters_at_b=4, budgets=[0.5, 1.0], seeds=[1], max_tasks=1,
                   finetune=dict(epochs=1, lr=1e-4, batch_size=16, max_length=64, max_train_examples=48),
-                  eval_sequences=16, nproc=1, in_process=True),
+                  eval_sequences=16, nproc=1, in_process=True, timing_iters=(2, 4), timing_rounds=1),
 }
 
 
@@ -335,6 +335,78 @@ def stage_finetune(a, c, run_dir, hf, task_dir):
     return _load(out)
 
 
+def _flag(argv, flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _without(argv, *flags):
+    """argv less each flag and its value."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in flags:
+            skip = True
+        else:
+            out.append(x)
+    return out
+
+
+def timing_argv(argv, iters: int, method: str, seq: int):
+    """A run's command line for a timing job of `iters` iterations: no budget, no checkpoint;
+    random-LTD at the mean kept length of its schedule (it grows from --ltd-start to T over
+    --ltd-steps, 70% of the run, then stays at T), held there."""
+    out = _without(argv, "--train-flops-budget", "--train-iters", "--save-interval", "--log-interval")
+    if method == "random-ltd":
+        start, gran = int(_flag(argv, "--ltd-start")), int(_flag(argv, "--ltd-granularity"))
+        mean = 0.7 * (start + seq) / 2 + 0.3 * seq
+        out = _without(out, "--ltd-start", "--ltd-steps") + [
+            "--ltd-start", str(min(seq, gran * round(mean / gran))), "--ltd-steps", str(10 ** 9)]
+    return out + ["--train-iters", str(iters), "--log-interval", str(iters)]
+
+
+def stage_step_times(a, c, runs, kept_dir):
+    """Seconds per iteration of each method at this study's configuration, measured side by side
+    in one sitting: timing jobs of c['timing_iters'] = (short, long) iterations, methods in turn,
+    c['timing_rounds'] rounds, the minimum of (long - short) / (long iterations - short ones) per method (the
+    difference cancels start-up and the first steps). The time axis of the table and the plot
+    is iterations x this: the runs' own wall-clock depends on whatever else ran beside them
+    during the sittings (it is kept in the results too)."""
+    path = os.path.join(kept_dir, "step_times.json")
+    if os.path.isfile(path):
+        return _load(path)
+    short, long_ = c["timing_iters"]
+    seq = int(c["model"][c["model"].index("--seq-length") + 1])
+    tdir = os.path.join(a.runs_dir, "timing")
+    os.makedirs(tdir, exist_ok=True)
+    best = {}
+    first = {m: argv for _, m, frac, argv, _ in runs if m != FLOOR and frac == max(a.budgets)}
+    rounds = c["timing_rounds"]
+    for rnd in range(rounds):
+        for method, argv in first.items():
+            secs = []
+            for iters in (short, long_):
+                summary = os.path.join(tdir, f"{method}_{iters}_{rnd}.json")
+                cmd = timing_argv(argv, iters, method, seq) + ["--summary-json", summary]
+                log = os.path.join(tdir, f"{method}.log")
+                if a.in_process:
+                    import pretrain_effmlm
+
+                    with _logged(log):
+                        pretrain_effmlm.main(cmd)
+                else:
+                    _subprocess([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+                                 "pretrain_effmlm.py", *cmd], log)
+                secs.append(_load(summary)["train_seconds"])
+            per_iter = max(secs[1] - secs[0], 1e-9) / (long_ - short)
+            best[method] = min(best.get(method, per_iter), per_iter)
+            print(f"  timing {method} (round {rnd + 1}/{rounds}): {per_iter * 1e3:.1f} ms/iteration", flush=True)
+    res = {"seconds_per_iteration": best, "timing_iters": [short, long_], "precision": a.precision,
+           "nproc": a.nproc}
+    _atomic_json(path, res)
+    return res
+
+
 def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
     run_dir = os.path.join(a.runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -412,9 +484,10 @@ def aggregate(results, a):
         row = {"method": m}
         for metric, lower in (("heldout_loss", True), ("mean_accuracy", False)):
             target = ref[metric]
-            for kind in ("train_flops", "train_seconds"):
-                val, note = crossing([(r[kind], r[metric]) for r in rs if r[kind] > 0], target, lower)
-                row[f"{metric}:{kind}"] = {"ratio": None if val is None else val / ref[kind], "note": note}
+            for kind in ("train_flops", "timed_seconds"):
+                val, note = crossing([(r[kind], r[metric]) for r in rs if r[kind]], target, lower)
+                row[f"{metric}:{kind}"] = {"ratio": None if val is None or not ref[kind] else val / ref[kind],
+                                           "note": note}
         table.append(row)
     return curves, table
 
@@ -425,9 +498,12 @@ def _ratio(cell):
     return f"{cell['note']}{cell['ratio']:.2f}" if cell["note"] != ">" else f"> {cell['ratio']:.2f}"
 
 
-def write_outputs(a, c, results, b_flops):
+def write_outputs(a, c, results, b_flops, times=None):
     from step_time import write_tables  # bench/ is on the path when run as a script
 
+    per_iter = (times or {}).get("seconds_per_iteration", {})
+    for r in results:  # the time axis: iterations x the method's step time measured side by side
+        r["timed_seconds"] = r["iterations"] * per_iter[r["method"]] if r["method"] in per_iter else None
     curves, table = aggregate(results, a)
     floor = next((r for r in results if r["method"] == FLOOR), None)
     tasks = sorted({t for r in results for t in r["tasks"]})
@@ -443,13 +519,18 @@ def write_outputs(a, c, results, b_flops):
           f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. "
           f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
           + (f"(unigram baseline {res['unigram_loss']:.3f})." if res["unigram_loss"] is not None else "."), "",
-          "| run | FLOPs | train s | iterations | held-out loss | gap to unigram | "
+          "Time: iterations x each method's step time measured side by side at this configuration "
+          + (f"({', '.join(f'{m} {v * 1e3:.0f} ms' for m, v in per_iter.items())}); `run s` is the run's own "
+             "wall-clock, which depends on whatever else the machine ran during its sitting."
+             if per_iter else "(not measured yet: the step-time pass runs when every run is done)."), "",
+          "| run | FLOPs | time s | run s | iterations | held-out loss | gap to unigram | "
           + " | ".join(f"{t} acc" for t in tasks) + " | mean acc |",
-          "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+          "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
     for r in results:
         accs = " | ".join(f"{r['tasks'][t]['mean']:.3f} ± {r['tasks'][t]['std']:.3f}" for t in tasks)
         gap = f"{r['gap_to_unigram']:+.3f}" if r.get("gap_to_unigram") is not None else "n/a"
-        md.append(f"| {r['run']} | {r['train_flops']:.3e} | {r['train_seconds']:.0f} | {r['iterations']} | "
+        timed = f"{r['timed_seconds']:.0f}" if r["timed_seconds"] is not None else "n/a"
+        md.append(f"| {r['run']} | {r['train_flops']:.3e} | {timed} | {r['train_seconds']:.0f} | {r['iterations']} | "
                   f"{r['heldout_loss']:.3f} | {gap} | {accs} | {r['mean_accuracy']:.3f} ± {r['mean_accuracy_std']:.3f} |")
     md += ["", "Majority class: " + ", ".join(f"{t} {res['majority'][t]:.3f}" for t in tasks) + ".", "",
            f"## Compute to reach {BASELINE} at B (fraction of its FLOPs / of its training time)", "",
@@ -457,13 +538,13 @@ def write_outputs(a, c, results, b_flops):
            "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |", "|---|---|---|---|---|"]
     for row in table:
         md.append(f"| {row['method']} | {_ratio(row['heldout_loss:train_flops'])} | "
-                  f"{_ratio(row['heldout_loss:train_seconds'])} | {_ratio(row['mean_accuracy:train_flops'])} | "
-                  f"{_ratio(row['mean_accuracy:train_seconds'])} |")
+                  f"{_ratio(row['heldout_loss:timed_seconds'])} | {_ratio(row['mean_accuracy:train_flops'])} | "
+                  f"{_ratio(row['mean_accuracy:timed_seconds'])} |")
     stem, plt = write_tables(a.results_dir, f"method_quality_{a.config}", res, "\n".join(md) + "\n")
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for (metric, label), row in zip((("heldout_loss", "held-out MLM loss"), ("mean_accuracy", "mean dev accuracy")),
                                     axes):
-        for kind, ax in zip(("train_flops", "train_seconds"), row):
+        for kind, ax in zip(("train_flops", "timed_seconds" if per_iter else "train_seconds"), row):
             for m, rs in curves.items():
                 if m == FLOOR:
                     continue
@@ -479,7 +560,8 @@ def write_outputs(a, c, results, b_flops):
                 ax.axhline(statistics.mean(res["majority"].values()), color="black", ls=":", lw=1,
                            label="majority class")
             ax.set_xscale("log")
-            ax.set_xlabel("training FLOPs (FLOP model)" if kind == "train_flops" else "training wall-clock (s)")
+            ax.set_xlabel({"train_flops": "training FLOPs (FLOP model)", "train_seconds": "training wall-clock (s)",
+                           "timed_seconds": "training time (s): iterations x measured step time"}[kind])
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -567,7 +649,9 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}, mean accuracy "
               f"{r['mean_accuracy']:.3f}, {r['train_flops']:.2e} FLOPs, {r['train_seconds']:.0f} s training, "
               f"{time.time() - t0:.0f} s in all", flush=True)
-    stem = write_outputs(a, c, results, b_flops)
+    print("step times of every method, side by side (the time axis):", flush=True)
+    times = stage_step_times(a, c, runs, kept_dir)
+    stem = write_outputs(a, c, results, b_flops, times)
     print(f"results: {stem}.md, .json, .png")
     return 0
 

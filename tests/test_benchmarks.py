@@ -109,6 +109,13 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     table = {row["method"]: row for row in res["compute_to_reach_vanilla_at_b"]}
     assert set(table) == set(methods)
     assert table["vanilla-15"]["heldout_loss:train_flops"]["ratio"] == pytest.approx(1.0)
+    # the time axis: iterations x each method's step time from the side-by-side timing pass
+    per_iter = json.load(open(results / "method_quality_quick_runs" / "step_times.json"))["seconds_per_iteration"]
+    assert set(per_iter) == set(methods) and all(v > 0 for v in per_iter.values())
+    for name, r in runs_by.items():
+        if name != "no-pretraining":
+            assert r["timed_seconds"] == pytest.approx(r["iterations"] * per_iter[r["method"]])
+    assert table["vanilla-15"]["heldout_loss:timed_seconds"]["ratio"] == pytest.approx(1.0)
     md = (results / "method_quality_quick.md").read_text()
     assert "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |" in md
     assert (results / "method_quality_quick.png").stat().st_size > 0

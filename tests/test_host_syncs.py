@@ -100,15 +100,15 @@ class HostReads:
         return f"torch:{name}"
 
 
-def make_model(vocab, decoder_layers=0, decoder_type="self", lm_head_chunk_size=0):
+def make_model(vocab, decoder_layers=0, decoder_type="self", lm_head_chunk_size=0, attention="local"):
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=L, hidden_size=64, num_attention_heads=4, seq_length=64, vocab_size=vocab,
                       hidden_dropout=0.0, attention_dropout=0.0, decoder_layers=decoder_layers,
-                      decoder_type=decoder_type, transformer_impl="local")
+                      decoder_type=decoder_type, transformer_impl="local", attention_backend=attention)
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
-    return MLMModel(tc, get_layer_spec("local", L)[0], cfg.padded_vocab_size(), 64, decoder_layers=decoder_layers,
-                    decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None,
-                    lm_head_chunk_size=lm_head_chunk_size)
+    return MLMModel(tc, get_layer_spec("local", L, attention)[0], cfg.padded_vocab_size(), 64,
+                    decoder_layers=decoder_layers, decoder_layer_spec=decoder_spec(cfg) if decoder_layers else None,
+                    lm_head_chunk_size=lm_head_chunk_size, packed_attention=attention == "varlen")
 
 
 # method -> (policy name, policy options, model options, step)
@@ -121,6 +121,11 @@ METHODS = {
     "sctd": ("sctd", dict(sctd_interval=2), {}, 1),
     "sctd-consistency": ("sctd", dict(sctd_interval=2), {}, 0),
     "random-ltd": ("random-ltd", dict(ltd_start=16, ltd_steps=8), {}, 0),
+    # packed attention (--attention-backend varlen): segment bounds built on the device
+    "3ml-cross-packed": ("3ml", dict(decoder_layers=2, decoder_type="cross"),
+                         dict(decoder_layers=2, decoder_type="cross", attention="varlen"), 0),
+    "token-drop-packed": ("token-drop", {}, dict(attention="varlen"), 0),
+    "random-ltd-packed": ("random-ltd", dict(ltd_start=16, ltd_steps=8), dict(attention="varlen"), 0),
 }
 
 
@@ -154,13 +159,19 @@ def inherent(method, m):
       3ML-cross, of the predicted (decoder) tokens: no bound below T follows from the batch
       shape, and padding 3ML's encoder to T would give up its saving.
     Token dropping, ScTD and random-LTD pad their kept sets to a width from T and the ratio
-    (plans.base.static_width): no read."""
+    (plans.base.static_width): no read.
+    Packed attention: the bounds are made on the device (no read); only the CPU's stand-in for
+    the GPU kernel (reference_varlen_attn) reads them, twice per attention call: varlen_attn
+    takes them on the device."""
     passes = 2 if method == "sctd-consistency" else 1
     ce_calls = 2 * -(-m // CHUNK) if method == "vanilla-head-chunks" else passes
     want = {"megatron_effmlm/model/mlm_model.py:mlm_head:nonzero": passes,
             f"{MCORE_CE}:calculate_predicted_logits:__setitem__": 2 * ce_calls}
     if method.startswith("3ml"):
-        want["megatron_effmlm/model/engine.py:from_mask:__int__"] = 2 if method == "3ml-cross" else 1
+        want["megatron_effmlm/model/engine.py:from_mask:__int__"] = 2 if method.startswith("3ml-cross") else 1
+    if method.endswith("-packed"):
+        calls = L + (2 * 2 if method.startswith("3ml-cross") else 0)  # + the decoder's self and cross attention
+        want["megatron_effmlm/model/packed_attention.py:reference_varlen_attn:tolist"] = 2 * calls
     return want
 
 

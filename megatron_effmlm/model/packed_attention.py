@@ -69,8 +69,8 @@ def reference_varlen_attn(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: T
     """`varlen_attn`'s contract ([t, h, d] packed q/k/v, cumulative lengths) computed one
     segment at a time by SDPA; reads cu_seqlens on the host (it is the CPU / test path)."""
     out = []
-    for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()),
-                                  zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(bq, bq[1:], bk, bk[1:]):
         if q1 == q0:
             continue
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [1, h, s, d]
