@@ -76,6 +76,13 @@ CONFIGS = {
                 vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
                 finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=2000),
                 eval_sequences=512, nproc=2, in_process=False, timing_iters=(10, 40), timing_rounds=2),
+    # The demo's step 5: its model and data, every method at one budget, the held-out evaluation
+    # only (no fine-tuning, no timing pass), in this process.
+    "demo": dict(model=["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+                        "--seq-length", "128"],
+                 micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
+                 vanilla_iters_at_b=30, budgets=[1.0], seeds=[1], max_tasks=0, finetune=None,
+                 eval_sequences=128, nproc=1, in_process=True, timing_iters=(10, 40), timing_rounds=0),
     "quick": dict(model=["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
                          "--seq-length", "64", "--no-bias-gelu-fusion", "--hidden-dropout", "0",
                          "--attention-dropout", "0"],
@@ -93,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--data-path", required=True, help="pre-training data prefix (.bin/.idx)")
     p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--heldout", required=True, help="held-out JSONL (tools/build_corpus.py's valid.jsonl)")
-    p.add_argument("--task-dirs", nargs="+", required=True, help="GLUE SST-2-format task folders")
+    p.add_argument("--task-dirs", nargs="*", default=[],
+                   help="GLUE SST-2-format task folders (none: no export, no fine-tuning)")
     p.add_argument("--unigram-data", default=None, help="data prefix for the unigram baseline (default --data-path)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="fractions of B (default: the config's)")
@@ -129,7 +137,7 @@ def parse_args(argv=None):
         a.precision = "bf16" if torch.cuda.is_available() or cpu_bf16_error() is None else "fp32"
     # runs of another precision are another study: never skipped as if they were these
     a.runs_dir = a.runs_dir or os.path.join(REPO, "runs", f"method_quality_{a.config}_{a.precision}")
-    if c["max_tasks"]:
+    if c["max_tasks"] is not None:
         a.task_dirs = a.task_dirs[:c["max_tasks"]]
     return a, c
 
@@ -421,7 +429,7 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
 
     summary = timed("pretrain", stage_pretrain, a, run_dir, argv)
     ev = timed("eval", stage_eval, a, c, run_dir, tok, heldout, counts)["results"][0]
-    hf = timed("export", stage_export, a, run_dir)
+    hf = timed("export", stage_export, a, run_dir) if a.task_dirs else None
     tasks = {}
     for d in a.task_dirs:
         r = timed(f"finetune_{task_name(d)}", stage_finetune, a, c, run_dir, hf, d)
@@ -435,7 +443,7 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
               "heldout_loss": ev["loss"], "unigram_loss": ev.get("unigram_loss"),
               "gap_to_unigram": ev.get("gap_to_unigram"), "heldout_per_source": ev.get("per_source"),
               "mask_sha1": ev["mask_sha1"], "tasks": tasks, "seeds": list(a.seeds),
-              "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()),
+              "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()) if tasks else None,
               "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "seconds": round(time.time() - t0, 2),
               "stage_seconds": clock}
     _atomic_json(os.path.join(run_dir, "result.json"), result)
@@ -484,6 +492,8 @@ def aggregate(results, a):
         row = {"method": m}
         for metric, lower in (("heldout_loss", True), ("mean_accuracy", False)):
             target = ref[metric]
+            if target is None:  # no tasks
+                continue
             for kind in ("train_flops", "timed_seconds"):
                 val, note = crossing([(r[kind], r[metric]) for r in rs if r[kind]], target, lower)
                 row[f"{metric}:{kind}"] = {"ratio": None if val is None or not ref[kind] else val / ref[kind],
@@ -516,34 +526,43 @@ def write_outputs(a, c, results, b_flops, times=None):
            "unigram_loss": next((r["unigram_loss"] for r in results if r.get("unigram_loss") is not None), None)}
     md = [f"# Method quality at equal compute ({a.config}, pre-training in {a.precision})", "",
           f"B = {b_flops:.3e} training FLOPs (FLOP model) = {a.vanilla_iters_at_b} vanilla iterations; budgets "
-          f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. "
-          f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
+          f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; "
+          + (f"fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. " if tasks else "no fine-tuning. ")
+          + f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
           + (f"(unigram baseline {res['unigram_loss']:.3f})." if res["unigram_loss"] is not None else "."), "",
           "Time: iterations x each method's step time measured side by side at this configuration "
           + (f"({', '.join(f'{m} {v * 1e3:.0f} ms' for m, v in per_iter.items())}); `run s` is the run's own "
              "wall-clock, which depends on whatever else the machine ran during its sitting."
-             if per_iter else "(not measured yet: the step-time pass runs when every run is done)."), "",
+             if per_iter else "(not measured in this configuration)." if not c["timing_rounds"]
+             else "(not measured yet: the step-time pass runs when every run is done)."), "",
           "| run | FLOPs | time s | run s | iterations | held-out loss | gap to unigram | "
-          + " | ".join(f"{t} acc" for t in tasks) + " | mean acc |",
+          + "".join(f"{t} acc | " for t in tasks) + "mean acc |",
           "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
     for r in results:
-        accs = " | ".join(f"{r['tasks'][t]['mean']:.3f} ± {r['tasks'][t]['std']:.3f}" for t in tasks)
+        accs = "".join(f"{r['tasks'][t]['mean']:.3f} ± {r['tasks'][t]['std']:.3f} | " for t in tasks)
+        mean = f"{r['mean_accuracy']:.3f} ± {r['mean_accuracy_std']:.3f}" if tasks else "n/a"
         gap = f"{r['gap_to_unigram']:+.3f}" if r.get("gap_to_unigram") is not None else "n/a"
         timed = f"{r['timed_seconds']:.0f}" if r["timed_seconds"] is not None else "n/a"
         md.append(f"| {r['run']} | {r['train_flops']:.3e} | {timed} | {r['train_seconds']:.0f} | {r['iterations']} | "
-                  f"{r['heldout_loss']:.3f} | {gap} | {accs} | {r['mean_accuracy']:.3f} ± {r['mean_accuracy_std']:.3f} |")
-    md += ["", "Majority class: " + ", ".join(f"{t} {res['majority'][t]:.3f}" for t in tasks) + ".", "",
-           f"## Compute to reach {BASELINE} at B (fraction of its FLOPs / of its training time)", "",
-           "`<=`: already reached at the smallest budget; `>`: not reached at the largest.", "",
-           "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |", "|---|---|---|---|---|"]
+                  f"{r['heldout_loss']:.3f} | {gap} | {accs}{mean} |")
+    md += ["", ("Majority class: " + ", ".join(f"{t} {res['majority'][t]:.3f}" for t in tasks) + "." if tasks
+                else "No downstream tasks in this run."), ""]
+    if len(a.budgets) < 2:
+        md += ["One budget: no compute-to-reach table (it interpolates between budgets)."]
+        table = res["compute_to_reach_vanilla_at_b"] = []
+    else:
+        md += [f"## Compute to reach {BASELINE} at B (fraction of its FLOPs / of its training time)", "",
+               "`<=`: already reached at the smallest budget; `>`: not reached at the largest.", "",
+               "| method | loss: FLOPs | loss: time | accuracy: FLOPs | accuracy: time |", "|---|---|---|---|---|"]
     for row in table:
-        md.append(f"| {row['method']} | {_ratio(row['heldout_loss:train_flops'])} | "
-                  f"{_ratio(row['heldout_loss:timed_seconds'])} | {_ratio(row['mean_accuracy:train_flops'])} | "
-                  f"{_ratio(row['mean_accuracy:timed_seconds'])} |")
+        md.append(f"| {row['method']} | " + " | ".join(
+            _ratio(row.get(k, {"ratio": None, "note": ""})) for k in (
+                "heldout_loss:train_flops", "heldout_loss:timed_seconds", "mean_accuracy:train_flops",
+                "mean_accuracy:timed_seconds")) + " |")
     stem, plt = write_tables(a.results_dir, f"method_quality_{a.config}", res, "\n".join(md) + "\n")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for (metric, label), row in zip((("heldout_loss", "held-out MLM loss"), ("mean_accuracy", "mean dev accuracy")),
-                                    axes):
+    metrics = [("heldout_loss", "held-out MLM loss")] + ([("mean_accuracy", "mean dev accuracy")] if tasks else [])
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4 * len(metrics)), squeeze=False)
+    for (metric, label), row in zip(metrics, axes):
         for kind, ax in zip(("train_flops", "timed_seconds" if per_iter else "train_seconds"), row):
             for m, rs in curves.items():
                 if m == FLOOR:
@@ -564,8 +583,8 @@ def write_outputs(a, c, results, b_flops, times=None):
                            "timed_seconds": "training time (s): iterations x measured step time"}[kind])
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    axes[1][0].legend(fontsize=7)
+    for row in axes:
+        row[0].legend(fontsize=7)
     fig.suptitle(f"Method quality at equal compute ({a.config})")
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
@@ -646,11 +665,13 @@ def main(argv=None):
         overheads.append(r["seconds"] - pre)
         if budget:
             pre_seconds, pre_budget = pre_seconds + pre, pre_budget + budget
-        print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}, mean accuracy "
-              f"{r['mean_accuracy']:.3f}, {r['train_flops']:.2e} FLOPs, {r['train_seconds']:.0f} s training, "
-              f"{time.time() - t0:.0f} s in all", flush=True)
-    print("step times of every method, side by side (the time axis):", flush=True)
-    times = stage_step_times(a, c, runs, kept_dir)
+        acc = f", mean accuracy {r['mean_accuracy']:.3f}" if r["mean_accuracy"] is not None else ""
+        print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}{acc}, {r['train_flops']:.2e} FLOPs, "
+              f"{r['train_seconds']:.0f} s training, {time.time() - t0:.0f} s in all", flush=True)
+    times = None
+    if c["timing_rounds"]:
+        print("step times of every method, side by side (the time axis):", flush=True)
+        times = stage_step_times(a, c, runs, kept_dir)
     stem = write_outputs(a, c, results, b_flops, times)
     print(f"results: {stem}.md, .json, .png")
     return 0

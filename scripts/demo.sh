@@ -11,34 +11,48 @@ DATA=data/demo
 OUT=${OUT:-runs/demo}
 ITERS=${ITERS:-600}  # past the unigram plateau (150 steps stay on it; bf16 makes 600 cheap)
 COMPARE_STEPS=${COMPARE_STEPS:-30}
+HELDOUT_DOCS=${HELDOUT_DOCS:-6}
 FT_EXAMPLES=${FT_EXAMPLES:-2000}
 # bf16 where the CPU has bf16 instructions (avx512_bf16 / amx_bf16) or on a GPU: 1.8x the tokens/s of
 # fp32 for this model on 2 CPU cores (bench: README "Speed on CPU"); PRECISION=fp32 forces fp32.
 PRECISION=${PRECISION:-$($PY -c "import torch; from megatron_effmlm.compat.cpu import cpu_bf16_error as e; print('bf16' if torch.cuda.is_available() or not e() else 'fp32')" 2>/dev/null || echo fp32)}
 PREC_FLAG=$([ "$PRECISION" = bf16 ] && echo --bf16 || true)
 
-echo "== 1/6 demo corpus"
+echo "== 1/6 demo corpus (the last $HELDOUT_DOCS articles held out for step 5's evaluation)"
 $PY -m megatron_effmlm.data.demo_corpus --data-dir data
+[ -f $DATA/heldout.jsonl ] || $PY - $DATA "$HELDOUT_DOCS" <<'EOF'
+import os, sys
+d, k = sys.argv[1], int(sys.argv[2])
+lines = open(os.path.join(d, "wiki.jsonl"), encoding="utf-8").readlines()
+for name, part in (("train.jsonl", lines[:-k]), ("heldout.jsonl", lines[-k:])):  # heldout last: it marks done
+    with open(os.path.join(d, name + ".tmp"), "w", encoding="utf-8") as f:
+        f.writelines(part)
+    os.replace(os.path.join(d, name + ".tmp"), os.path.join(d, name))
+EOF
 echo "== 2/6 tokenizer (WordPiece, vocab 8192)"
 [ -f $DATA/tokenizer/effmlm_tokenizer.json ] || \
-  $PY tools/train_tokenizer.py --input $DATA/wiki.jsonl --tokenizer-type wordpiece --vocab-size 8192 \
+  $PY tools/train_tokenizer.py --input $DATA/train.jsonl --tokenizer-type wordpiece --vocab-size 8192 \
       --lowercase --output-dir $DATA/tokenizer
 echo "== 3/6 preprocess (sentence split, .bin/.idx)"
-[ -f $DATA/wiki_text_sentence.idx ] || \
-  $PY tools/preprocess_data.py --input $DATA/wiki.jsonl --tokenizer-dir $DATA/tokenizer \
-      --output-prefix $DATA/wiki --split-sentences --workers 2
+[ -f $DATA/train_text_sentence.idx ] || \
+  $PY tools/preprocess_data.py --input $DATA/train.jsonl --tokenizer-dir $DATA/tokenizer \
+      --output-prefix $DATA/train --split-sentences --workers 2
 echo "== 4/6 pre-train (vanilla MLM, 4 layers x 256, T=128, 2 processes, data parallel, $PRECISION)"
 rm -rf "$OUT"
 $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
-  --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer --split 98,2,0 \
+  --data-path $DATA/train_text_sentence --tokenizer-dir $DATA/tokenizer --split 98,2,0 \
   --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 \
   --micro-batch-size 16 --global-batch-size 32 --train-iters "$ITERS" \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 \
   --log-interval 50 --eval-interval 200 --eval-iters 4 \
   --save "$OUT/ckpt" --save-interval 300 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png" $PREC_FLAG
-echo "== 5/6 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each)"
-$PY scripts/compare_methods.py --data-path $DATA/wiki_text_sentence --tokenizer-dir $DATA/tokenizer \
-  --out "$OUT/compare" --budget-vanilla-steps "$COMPARE_STEPS" -- $PREC_FLAG
+echo "== 5/6 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each, LR decayed at that budget),"
+echo "        judged by one held-out MLM evaluation (the same masked positions for every model)"
+$PY bench/method_quality.py --config demo --vanilla-iters-at-b "$COMPARE_STEPS" --precision "$PRECISION" \
+  --data-path $DATA/train_text_sentence --tokenizer-dir $DATA/tokenizer --heldout $DATA/heldout.jsonl \
+  --methods vanilla-15 3ml-self token-drop sctd random-ltd --runs-dir "$OUT/methods" --results-dir "$OUT/methods"
+echo "(so few steps leave every model near the unigram baseline: this step shows the protocol; the study at"
+echo " a budget that learns is bench/method_quality.py, results in bench/results/method_quality_cpu.md)"
 echo "== 6/6 export to transformers, fine-tune on Rotten Tomatoes (fresh/rotten, $FT_EXAMPLES training snippets)"
 $PY tools/export_hf.py --checkpoint "$OUT/ckpt" --output-dir "$OUT/hf"
 $PY - "$OUT/hf" <<'EOF'
@@ -62,4 +76,4 @@ echo "transformers: $OUT/hf   (AutoModelForMaskedLM.from_pretrained('$OUT/hf'); 
 echo "fine-tuning:  $OUT/finetune.json"
 echo "tensorboard:  $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboard)"
 echo "loss curve:   $OUT/loss.png"
-echo "methods:      $OUT/compare/methods_loss_vs_flops.png"
+echo "methods:      $OUT/methods/method_quality_demo.md, .png (held-out loss at equal compute)"
