@@ -10,7 +10,7 @@ forward/backward schedule on one micro-batch, finalize grads, the optimizer step
 mixed-precision optimizer: fp32 main weights), the policy's after_step. Batches are real packed
 demo-corpus batches (bench/step_time.py's build_data; T = 512, masking 0.15, 3ML 0.5).
 
-Model FLOPs are the engine's own count of what ran (training.flops; backward = 2 x forward);
+Model FLOPs are the engine's own count of what ran (model/flops.py; backward = 2 x forward);
 the baseline's are every layer and the head on all positions. MFU = model TFLOP/s / the
 device's dense peak for the precision (--peak-tflops overrides; H100/H200 SXM: 989 bf16,
 1979 FP8). Each configuration is measured on its own (build, warm-up, timed steps, free).
@@ -200,7 +200,7 @@ def build_runner(a, name, shape, precision, tok, batches):
 
 
 def measure(a, runner, mcfg, log):
-    from megatron_effmlm.training.flops import head_flops, layer_flops
+    from megatron_effmlm.model.flops import head_flops, layer_flops
 
     for _ in range(a.warmup):
         runner.step()

@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 
-from megatron_effmlm.parallel.balance import layer_costs, pipeline_efficiency, split_by_flops, stage_loads
+from megatron_effmlm.model.flops import Shape
+from megatron_effmlm.parallel.balance import pipeline_efficiency, split_by_flops, stage_loads
+from megatron_effmlm.plans import POLICIES
 
 METHODS = {"vanilla": 0.15, "3ml": 0.5, "3ml-cross": 0.5, "token-drop": 0.15}
 
@@ -32,7 +34,7 @@ def main():
     rows = []
     for name, mask in METHODS.items():
         method, dtype = ("3ml", "cross") if name == "3ml-cross" else (name, "self")
-        costs, extra = layer_costs(method, L, a.seq_length, d, 4 * d, a.vocab, mask, decoder_type=dtype)
+        costs, extra = POLICIES[method].layer_costs(Shape(L, a.seq_length, d, 4 * d, a.vocab, mask), decoder_type=dtype)
         if L % a.pp:
             raise SystemExit(f"error: --num-layers {L} is not divisible by --pp {a.pp} (the even split)")
         even = [L // a.pp] * a.pp

@@ -167,7 +167,7 @@ def device_tag() -> str:
 
 def auto_vocab(num_layers: int, d: int, seq_len: int) -> int:
     """The vocabulary whose LM head costs the same share of a head-on-all step as RoBERTa-base's."""
-    from megatron_effmlm.training.flops import head_flops, layer_flops
+    from megatron_effmlm.model.flops import head_flops, layer_flops
 
     rb = ROBERTA_BASE
     share = head_flops(1, rb["d"], rb["vocab"]) / (
@@ -481,24 +481,22 @@ def measured_peak_flops(shape, precision, reps=5, warmup=2):
 
 def predicted_flops(a, name):
     """Training FLOPs per sequence by the FLOP model (docs/methods.md), the method's own parameters."""
-    from megatron_effmlm.training.flops import predicted_step_flops
+    from megatron_effmlm.model.flops import Shape, step_flops
 
-    kw = dict(seq_len=a.seq_length, num_layers=a.num_layers, d=a.hidden_size, f=4 * a.hidden_size,
-              vocab=a.model_vocab_padded, decoder_layers=a.decoder_layers, keep_ratio=a.td_keep_ratio)
-    if name == BASELINE:
-        return predicted_step_flops("megatron-bert", mask_prob=0.15, head_on_all=True, **kw)
+    def shape(mask_prob):
+        return Shape(a.num_layers, a.seq_length, a.hidden_size, 4 * a.hidden_size, a.model_vocab_padded, mask_prob)
+
+    opts = dict(decoder_layers=a.decoder_layers, td_keep_ratio=a.td_keep_ratio, ltd_len=a.ltd_len)
     if name == "3ml":
-        return predicted_step_flops("3ml", mask_prob=0.5, **kw)
+        return step_flops("3ml", shape(0.5), **opts)
     if name == "sctd-consistency":  # the dropped pass + the full pass, each with its head
-        return predicted_step_flops("sctd", mask_prob=0.15, **kw) + predicted_step_flops("vanilla", mask_prob=0.15, **kw)
-    if name == "random-ltd":
-        return predicted_step_flops("random-ltd", mask_prob=0.15, ltd_len=a.ltd_len, **kw)
-    return predicted_step_flops(name, mask_prob=0.15, **kw)
+        return step_flops("sctd", shape(0.15), **opts) + step_flops("vanilla", shape(0.15))
+    return step_flops(name, shape(0.15), **opts)  # BASELINE, "megatron-bert": the head on all T
 
 
 def baseline_counted_flops(batches, a):
     """The engine's way of counting, applied to BertModel: every layer and the head on all T."""
-    from megatron_effmlm.training.flops import head_flops, layer_flops
+    from megatron_effmlm.model.flops import head_flops, layer_flops
 
     b, T = batches[0]["text"].shape
     return a.num_layers * b * layer_flops(T, a.hidden_size, 4 * a.hidden_size) + head_flops(b * T, a.hidden_size, a.model_vocab_padded)

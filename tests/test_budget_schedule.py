@@ -21,9 +21,9 @@ LR, MIN_LR = 1e-3, 1e-5
 
 
 def vanilla_iteration_flops():
-    from megatron_effmlm.training.flops import predicted_step_flops
+    from megatron_effmlm.model.flops import Shape, step_flops
 
-    return 8 * predicted_step_flops("vanilla", 64, 4, 64, 256, 4096, 0.15)
+    return 8 * step_flops("vanilla", Shape(4, 64, 64, 256, 4096, 0.15))
 
 
 @pytest.fixture(scope="module")

@@ -294,7 +294,7 @@ def test_sctd_kl_direction_and_reduction():
 def test_flop_count_follows_the_plan(demo_batch, demo_tokenizer):
     """The engine counts the FLOP model on the shapes it ran: 3ML's encoder on the kept tokens
     (padded to the row maximum), its decoder on all, the head on the predicted tokens."""
-    from megatron_effmlm.training.flops import head_flops, layer_flops
+    from megatron_effmlm.model.flops import head_flops, layer_flops
 
     tok = demo_tokenizer
     batch = {k: v.clone() for k, v in demo_batch.items()}
@@ -311,3 +311,32 @@ def test_flop_count_follows_the_plan(demo_batch, demo_tokenizer):
     model(**get_policy("3ml", tokenizer=tok, num_layers=L, decoder_layers=2).model_inputs(batch, 0))
     expected = L * b * layer_flops(n_kept, H, 4 * H) + 2 * b * layer_flops(T, H, 4 * H) + head_flops(m, H, vocab)
     assert model.forward_flops == expected and n_kept < T
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("vanilla", {}), ("3ml", dict(decoder_layers=2)), ("3ml", dict(decoder_layers=2, decoder_type="cross")),
+    ("token-drop", dict(td_keep_ratio=0.5)), ("sctd", dict(td_keep_ratio=0.5, sctd_interval=2)),
+    ("random-ltd", dict(ltd_start=32, ltd_steps=1000, ltd_granularity=16)),
+], ids=["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"])
+def test_policy_flop_model_matches_what_the_engine_ran(demo_batch, demo_tokenizer, method, opts):
+    """Each policy's own FLOP model (`layer_costs`: what the progress line, the budget's schedule,
+    pipeline balancing and the benchmarks use) against the engine's count of what it ran on a
+    real batch: within 10% (the analytic model takes round(p T) masked tokens in every row, the
+    batch has its own counts). random-LTD at its start length."""
+    from megatron_effmlm.model.flops import Shape
+    from megatron_effmlm.plans import POLICIES
+
+    tok = demo_tokenizer
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    if method == "3ml":
+        batch["text"][batch["loss_mask"].bool()] = tok.mask
+    dec = dict(decoder_layers=2, decoder_type=opts.get("decoder_type", "self")) if method == "3ml" else {}
+    _, model = make_model(tok.vocab_size, **dec)
+    b, T = batch["text"].shape
+    policy = get_policy(method, tokenizer=tok, num_layers=L, **opts)
+    model.forward_flops = 0.0
+    model(**policy.model_inputs(batch, 1))  # sctd: a plain (dropping) step
+    enc, extra = POLICIES[method].layer_costs(
+        Shape(L, T, H, 4 * H, model.vocab_size, 0.15), **opts, **({"ltd_len": 32} if method == "random-ltd" else {}))
+    assert len(enc) == L
+    assert b * (sum(enc) + extra) == pytest.approx(model.forward_flops, rel=0.1)

@@ -86,7 +86,9 @@ def test_random_ltd_draws_are_uniform_and_row_local():
 def test_split_by_flops_is_the_optimal_contiguous_split():
     import itertools
 
-    from megatron_effmlm.parallel.balance import layer_costs, split_by_flops, stage_loads
+    from megatron_effmlm.model.flops import Shape
+    from megatron_effmlm.parallel.balance import split_by_flops, stage_loads
+    from megatron_effmlm.plans import POLICIES
 
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -98,6 +100,10 @@ def test_split_by_flops_is_the_optimal_contiguous_split():
         assert sum(got) == 7 and min(got) >= 1
         assert abs(max(stage_loads(costs, extra, got)) - best) < 1e-9
     # 3ML's decoder and the head weigh on the last stage: it gets the fewest encoder layers
-    costs, extra = layer_costs("3ml", 12, 512, 768, 3072, 30592, 0.5)
+    costs, extra = POLICIES["3ml"].layer_costs(Shape(12, 512, 768, 3072, 30592, 0.5))
     counts = split_by_flops(costs, extra, 4)
     assert counts[-1] == min(counts) and sum(counts) == 12
+    # random-LTD's middle layers are cheaper than its first and last: not vanilla's even split
+    costs, extra = POLICIES["random-ltd"].layer_costs(Shape(12, 512, 768, 3072, 30592, 0.15), ltd_start=128)
+    assert costs[0] == costs[-1] > costs[1] == costs[-2]
+    assert split_by_flops(costs, extra, 4) != [3, 3, 3, 3]

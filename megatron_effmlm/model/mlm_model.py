@@ -29,7 +29,7 @@ from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_ids
-from megatron_effmlm.training.flops import cross_attention_flops, head_flops, layer_flops
+from megatron_effmlm.model.flops import cross_attention_flops, head_flops, layer_flops
 
 
 @dataclasses.dataclass

@@ -1,34 +1,12 @@
 """Pipeline stage splits. With token plans the live tokens change from layer to layer (and
 3ML's decoder and the LM head sit on the last stage), so an even layer split gives the stages
 uneven work. `split_by_flops` finds the contiguous split of the encoder layers that minimises
-the busiest stage's FLOPs (the pipeline's step time), by the FLOP model."""
+the busiest stage's FLOPs (the pipeline's step time), given each layer's cost by the method's
+FLOP model (`Policy.layer_costs`)."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
-
-from megatron_effmlm.training.flops import cross_attention_flops, head_flops, layer_flops
-
-
-def layer_costs(method: str, num_layers: int, seq_len: int, d: int, f: int, vocab: int, mask_prob: float,
-                decoder_layers: int = 2, decoder_type: str = "self", keep_ratio: float = 0.5):
-    """(per encoder layer forward FLOPs per sequence, the last stage's extra: decoder + head)."""
-    T, L = seq_len, num_layers
-    m = round(mask_prob * T)
-    if method == "3ml":
-        enc = [layer_flops(T - m, d, f)] * L
-        if decoder_type == "cross":
-            extra = decoder_layers * (layer_flops(m, d, f) + cross_attention_flops(m, T - m, d))
-        else:
-            extra = decoder_layers * layer_flops(T, d, f)
-    elif method in ("token-drop", "sctd"):
-        k, c = round(keep_ratio * T), L // 2 - 1
-        enc = [layer_flops(T, d, f) if (l <= c or l == L - 1) else layer_flops(k, d, f) for l in range(L)]
-        extra = 0.0
-    else:
-        enc, extra = [layer_flops(T, d, f)] * L, 0.0
-    return enc, extra + head_flops(m, d, vocab)
-
 
 def stage_loads(costs: Sequence[float], extra_last: float, counts: Sequence[int]) -> List[float]:
     loads, start = [], 0

@@ -51,6 +51,14 @@ class Policy:
         self.options = options
         self.training = True  # evaluation runs the plain model for token-dropping methods
 
+    @classmethod
+    def layer_costs(cls, shape, **options):
+        """(forward FLOPs per sequence of each encoder layer, the last stage's extra: decoder
+        layers and the LM head), by the FLOP model (model/flops.py; `shape` a flops.Shape,
+        `options` this method's constructor keywords). The progress line's predictions,
+        --train-flops-budget's schedule, pipeline balancing and the benchmarks all read it."""
+        return [shape.layer(shape.seq_len)] * shape.num_layers, shape.head()
+
     def plan(self, batch: dict, step: int) -> Optional[TokenPlan]:
         """The token plan of this micro-batch; None = every position live at every layer."""
         return None

@@ -14,6 +14,7 @@ this is the MAE-LM-like reading, and it is cheaper than the self variant.
 import torch
 
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
+from megatron_effmlm.model.flops import cross_attention_flops
 from megatron_effmlm.plans.base import Policy, real_positions, register
 
 
@@ -25,6 +26,16 @@ class ThreeMLPolicy(Policy):
     def __init__(self, decoder_layers: int = 2, decoder_type: str = "self", **kw):
         super().__init__(**kw)
         self.decoder_layers, self.decoder_type = decoder_layers, decoder_type
+
+    @classmethod
+    def layer_costs(cls, shape, decoder_layers: int = 2, decoder_type: str = "self", **options):
+        T, m = shape.seq_len, shape.predicted
+        enc = [shape.layer(T - m)] * shape.num_layers  # the unmasked tokens
+        if decoder_type == "cross":  # the masked positions, cross-attending to the encoder's output
+            dec = decoder_layers * (shape.layer(m) + cross_attention_flops(m, T - m, shape.hidden_size))
+        else:
+            dec = decoder_layers * shape.layer(T)
+        return enc, dec + shape.head()
 
     def plan(self, batch, step):
         text, pad = batch["text"], batch["padding_mask"].bool()

@@ -49,6 +49,15 @@ def uniform_hash(text, seed: int, step: int, layer: int):
 
 @register("random-ltd")
 class RandomLTDPolicy(Policy):
+    @classmethod
+    def layer_costs(cls, shape, ltd_start: int = 64, ltd_len: int = None, **options):
+        """The first and last layers on all tokens, the middle ones on ltd_len; by default the
+        mean of the growth from ltd_start to T (one number for the whole run: pipeline
+        balancing and the schedule's estimates; the budget itself counts what ran)."""
+        T, L = shape.seq_len, shape.num_layers
+        k = min(T, (ltd_start + T) // 2) if ltd_len is None else ltd_len
+        return [shape.layer(T)] + [shape.layer(k)] * (L - 2) + [shape.layer(T)] * min(1, L - 1), shape.head()
+
     def __init__(self, ltd_start: int = 64, ltd_steps: int = 1000, ltd_granularity: int = 16, **kw):
         super().__init__(**kw)
         if self.num_layers < 3:

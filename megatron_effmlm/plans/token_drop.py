@@ -45,6 +45,12 @@ def kept_bound(seq_len: int, keep_ratio: float) -> int:
 
 @register("token-drop")
 class TokenDropPolicy(Policy):
+    @classmethod
+    def layer_costs(cls, shape, td_keep_ratio: float = 0.5, **options):
+        T, L = shape.seq_len, shape.num_layers
+        k, c = round(td_keep_ratio * T), L // 2 - 1  # layers 0..c and the last run on all tokens
+        return [shape.layer(T) if (l <= c or l == L - 1) else shape.layer(k) for l in range(L)], shape.head()
+
     def __init__(self, td_keep_ratio: float = 0.5, td_beta: float = 0.995, **kw):
         super().__init__(**kw)
         if self.num_layers < 4:

@@ -210,7 +210,7 @@ class Trainer:
     BUDGET_SCHEDULE_UNITS = 1_000_000
 
     def predicted_iteration_flops(self) -> float:
-        from megatron_effmlm.training.flops import iteration_flops
+        from megatron_effmlm.model.flops import iteration_flops
 
         return iteration_flops(self.cfg)
 
@@ -250,20 +250,17 @@ class Trainer:
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
-        from megatron_effmlm.parallel.balance import layer_costs, split_by_flops
+        from megatron_effmlm.model.flops import run_shape
+        from megatron_effmlm.parallel.balance import split_by_flops
+        from megatron_effmlm.plans import POLICIES
 
-        par, m = self.cfg.parallel, self.cfg.model
+        par = self.cfg.parallel
         if par.pipeline_stage_layers or par.pipeline_model_parallel_size == 1:
             return par.pipeline_stage_layers
         if par.pipeline_split_by != "flops":
             return None
-        o = self.cfg.train.method_options
-        costs, extra = layer_costs(
-            self.cfg.train.method, m.num_layers, m.seq_length, m.hidden_size, m.ffn_hidden_size,
-            m.padded_vocab_size(par.tensor_model_parallel_size), self.cfg.data.mask_prob,
-            decoder_layers=m.decoder_layers, decoder_type=m.decoder_type,
-            keep_ratio=o.get("td_keep_ratio", 0.5),
-        )
+        t = self.cfg.train
+        costs, extra = POLICIES[t.method].layer_costs(run_shape(self.cfg), **t.method_options)
         counts = split_by_flops(costs, extra, par.pipeline_model_parallel_size)
         if is_logging_rank():
             print(f"pipeline split by FLOPs: encoder layers per stage {counts}", flush=True)
