@@ -50,10 +50,15 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-# The methods in table order. "sctd" is ScTD's plain (token-dropping) step, "sctd-consistency"
-# its every-F-th step with the second, full pass; "megatron-bert" is the baseline.
-ALL_METHODS = ["vanilla", "3ml", "token-drop", "sctd", "sctd-consistency", "random-ltd", "megatron-bert"]
+from megatron_effmlm.plans import POLICIES  # noqa: E402
+
+# The methods in table order: every registered policy. "sctd" is ScTD's plain (token-dropping)
+# step, "sctd-consistency" its every-F-th step with the second, full pass; "megatron-bert" is
+# the baseline.
 BASELINE = "megatron-bert"
+_FIRST = ["vanilla", "3ml", "token-drop", "sctd"]
+ALL_METHODS = [m for m in _FIRST if m in POLICIES] + ["sctd-consistency"] + \
+    sorted(set(POLICIES) - set(_FIRST)) + [BASELINE]
 # Step-time targets, as fractions of the baseline's step time.
 TARGETS = {"vanilla": 0.80, "3ml": 0.65, "token-drop": 0.63}
 FLOP_TOLERANCE = 0.08  # |measured / predicted - 1| <= 8%
@@ -226,9 +231,21 @@ def corpus_and_tokenizer(a, log):
     return jsonl, tok_dir
 
 
-def build_data(a, log):
+def policy_of(name: str):
+    """The policy class of a table row ("sctd-consistency": ScTD's; the baseline: vanilla's)."""
+    return POLICIES[{"sctd-consistency": "sctd", BASELINE: "vanilla"}.get(name, name)]
+
+
+def masking_of(name: str):
+    """(masking rate, 80/10/10) of a row's batches: its method's defaults."""
+    p = policy_of(name)
+    return (p.default_mask_prob, p.default_mask_80_10_10)
+
+
+def build_data(a, log, maskings=((0.15, True), (0.5, False))):
     """Tokenizer + .bin/.idx of the demo corpus under data/bench (reused when present), and the
-    real batches: vanilla's (0.15, 80/10/10) and 3ML's (0.5, all [MASK]), same samples."""
+    real batches of each masking (rate, 80/10/10), the same samples; also under the names
+    "vanilla" (0.15, 80/10/10) and "3ml" (0.5, all [MASK]) where built."""
     from megatron_effmlm.data.batches import make_data_iterator
     from megatron_effmlm.data.dataset import build_train_valid_test_datasets
     from megatron_effmlm.data.preprocess import output_prefix_for, preprocess
@@ -246,7 +263,8 @@ def build_data(a, log):
 
     n = a.micro_batch_size * a.num_batches
     batches = {}
-    for key, prob, m8 in (("vanilla", 0.15, True), ("3ml", 0.5, False)):
+    for key in dict.fromkeys(maskings):
+        prob, m8 = key
         train, _, _ = build_train_valid_test_datasets(
             [prefix], tokenizer=tok, seq_length=a.seq_length, split="100,0,0", seed=a.seed,
             train_samples=n, valid_samples=None, test_samples=None, masking_probability=prob,
@@ -254,9 +272,13 @@ def build_data(a, log):
         )
         it = make_data_iterator(train, 0, a.micro_batch_size)
         batches[key] = [next(it) for _ in range(a.num_batches)]
-    # Same samples, different masking.
-    for b1, b2 in zip(batches["vanilla"], batches["3ml"]):
-        assert torch.equal(b1["padding_mask"], b2["padding_mask"])
+    first = next(iter(batches.values()))
+    for v in batches.values():  # same samples, different masking
+        for b1, b2 in zip(first, v):
+            assert torch.equal(b1["padding_mask"], b2["padding_mask"])
+    for name, key in (("vanilla", (0.15, True)), ("3ml", (0.5, False))):
+        if key in batches:
+            batches[name] = batches[key]
     return tok, batches
 
 
@@ -348,12 +370,13 @@ def build_runners(a, tok, batches, log):
         bf16 = precision == "bf16"
         par, prec = ParallelConfig(), PrecisionConfig(bf16=bf16)
         set_seed(a.seed)  # the same initial weights for every model (where the shapes agree)
-        decoder = a.decoder_layers if name == "3ml" else 0
+        cls = policy_of(name)
+        opts = cls.options(vars(a))  # the bench's flags that are the method's (same names), else its defaults
         mcfg = ModelConfig(
             num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
             seq_length=a.seq_length, vocab_size=a.model_vocab, hidden_dropout=a.dropout,
-            attention_dropout=a.dropout, transformer_impl=a.transformer_impl, decoder_layers=decoder,
-            lm_head_chunk_size=a.lm_head_chunk_size,
+            attention_dropout=a.dropout, transformer_impl=a.transformer_impl,
+            lm_head_chunk_size=a.lm_head_chunk_size, **cls.model_overrides(opts),
         )
         tconfig = build_transformer_config(mcfg, par, prec)
         if name == BASELINE:
@@ -389,21 +412,11 @@ def build_runners(a, tok, batches, log):
 
         policy, step_index = None, None
         if name != BASELINE:
-            method = "sctd" if name.startswith("sctd") else name
-            opts = {
-                "3ml": dict(decoder_layers=a.decoder_layers),
-                "token-drop": dict(td_keep_ratio=a.td_keep_ratio),
-                "sctd": dict(td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval),
-                "random-ltd": dict(ltd_start=a.ltd_start),
-            }.get(method, {})
-            policy = get_policy(method, tokenizer=tok, num_layers=a.num_layers, seed=a.seed, **opts)
-            if name == "sctd":
-                step_index = 1  # never a multiple of the interval: a plain token-dropping step
-            elif name == "sctd-consistency":
-                step_index = 0  # a multiple of the interval: the consistency step (two passes)
-            elif name == "random-ltd":
-                step_index = 0  # the schedule's start: ltd_start kept tokens per middle layer
-        data = batches["3ml" if name == "3ml" else "vanilla"]
+            policy = get_policy(cls.name, tokenizer=tok, num_layers=a.num_layers, seed=a.seed, **opts)
+            # sctd: never a multiple of the interval, a plain token-dropping step; sctd-consistency:
+            # a multiple, the two-pass step; random-ltd: the schedule's start (ltd_start tokens)
+            step_index = 1 if name == "sctd" else 0
+        data = batches[masking_of(name)]
         if torch.cuda.is_available():
             data = [{k: v.cuda() for k, v in b.items()} for b in data]
         runners.append(Runner(name, model, optimizer, data, policy, step_index, precision))
@@ -486,12 +499,11 @@ def predicted_flops(a, name):
     def shape(mask_prob):
         return Shape(a.num_layers, a.seq_length, a.hidden_size, 4 * a.hidden_size, a.model_vocab_padded, mask_prob)
 
-    opts = dict(decoder_layers=a.decoder_layers, td_keep_ratio=a.td_keep_ratio, ltd_len=a.ltd_len)
-    if name == "3ml":
-        return step_flops("3ml", shape(0.5), **opts)
+    cls = policy_of(name)
+    opts = dict(cls.options(vars(a)), ltd_len=a.ltd_len)
     if name == "sctd-consistency":  # the dropped pass + the full pass, each with its head
         return step_flops("sctd", shape(0.15), **opts) + step_flops("vanilla", shape(0.15))
-    return step_flops(name, shape(0.15), **opts)  # BASELINE, "megatron-bert": the head on all T
+    return step_flops(name, shape(cls.default_mask_prob), **opts)  # BASELINE ("megatron-bert"): the head on all T
 
 
 def baseline_counted_flops(batches, a):
@@ -749,20 +761,21 @@ def main(argv=None):
     from megatron_effmlm.plans.random_ltd import ltd_length
 
     initialize_distributed(1, 1, None, a.seed)
-    tok, batches = build_data(a, log)
+    tok, batches = build_data(a, log, [masking_of(m) for m in a.methods])
     a.model_vocab = auto_vocab(a.num_layers, a.hidden_size, a.seq_length) if a.vocab == "auto" else int(a.vocab)
     a.model_vocab = max(a.model_vocab, tok.vocab_size)
     a.model_vocab_padded = pad_vocab_size(a.model_vocab)
     a.ltd_len = ltd_length(0, a.seq_length, a.ltd_start, 1000, 16)
     a.tag = a.tag or device_tag() + ("" if a.precisions == ["fp32"] else "_" + "-".join(a.precisions))
-    real = float(torch.stack([b["padding_mask"].float().mean() for b in batches["vanilla"]]).mean())
-    masked = {k: float(sum(int(b["loss_mask"].sum()) for b in v) / sum(int(b["padding_mask"].sum()) for b in v))
-              for k, v in batches.items()}
+    real = float(torch.stack([b["padding_mask"].float().mean() for b in batches[(0.15, True)]]).mean())
+    masked = {f"{k[0]:g}{'' if k[1] else ' all [MASK]'}": float(
+        sum(int(b["loss_mask"].sum()) for b in v) / sum(int(b["padding_mask"].sum()) for b in v))
+        for k, v in batches.items() if isinstance(k, tuple)}
     log(f"device: {device_name()}")
     log(f"config: L={a.num_layers} d={a.hidden_size} heads={a.num_attention_heads} T={a.seq_length} "
         f"b={a.micro_batch_size} vocab={a.model_vocab_padded} (tokenizer {tok.vocab_size}) | "
         f"{a.num_batches} real batches, {100 * real:.1f}% real tokens, predicted fraction "
-        f"vanilla {masked['vanilla']:.3f} / 3ml {masked['3ml']:.3f}")
+        + " / ".join(f"{k} {v:.3f}" for k, v in masked.items()))
     runners = build_runners(a, tok, batches, log)
 
     loads = []  # 1-minute load average after each timed round (other processes on the machine)

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from megatron_effmlm.compat.cpu import cpu_bf16_error
 from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.plans import POLICIES, all_flags
 
 
 @dataclass
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None)
 
     g = p.add_argument_group("training")
-    g.add_argument("--method", default="vanilla", help="vanilla | 3ml | token-drop | sctd | random-ltd")
+    g.add_argument("--method", default="vanilla",
+                   help=f"the pre-training method: {' | '.join(sorted(POLICIES))} (docs/methods.md)")
 
     g.add_argument("--micro-batch-size", type=int, default=8)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: --micro-batch-size")
@@ -231,21 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="timeout of torch.distributed collectives: a dead or hung rank ends the run")
 
-    g = p.add_argument_group("methods")
-    g.add_argument("--decoder-layers", type=int, default=None,
-                   help="3ml: decoder layers after the mask injection (default 2)")
-    g.add_argument("--3ml-decoder", dest="mlm3_decoder", default=None, choices=["self", "cross"],
-                   help="3ml: the decoder's stream (default self)")
-    g.add_argument("--td-keep-ratio", type=float, default=0.5, help="token-drop/sctd: kept fraction")
-    g.add_argument("--td-beta", type=float, default=None, help="importance EMA (0.995; sctd 0.95)")
-    g.add_argument("--sctd-interval", type=int, default=10, help="sctd: a consistency step every N steps")
-    g.add_argument("--sctd-code-compat", action="store_true", help="sctd: both MLM terms from the dropped pass")
-    g.add_argument("--sctd-kl-weight", type=float, default=0.05,
-                   help="sctd: weight of each layer's consistency KL (summed over rows), which shares the "
-                        "MLM sums' normaliser, the predicted tokens")
-    g.add_argument("--ltd-start", type=int, default=64, help="random-ltd: kept tokens per middle layer at step 0")
-    g.add_argument("--ltd-steps", type=int, default=1000, help="random-ltd: steps to grow to the full length")
-    g.add_argument("--ltd-granularity", type=int, default=16)
+    g = p.add_argument_group("methods (each declares its own flags: megatron_effmlm/plans/)")
+    for flag in all_flags().values():
+        flag.add_to(g)
 
     return p
 
@@ -270,8 +260,6 @@ def config_from_args(a) -> RunConfig:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
         raise ConfigError("--tokenizer-dir is required")
-    from megatron_effmlm.plans import POLICIES
-
     if a.method not in POLICIES:
         raise ConfigError(f"--method {a.method!r} is not known; choose one of {sorted(POLICIES)}")
     policy_cls = POLICIES[a.method]
@@ -279,14 +267,8 @@ def config_from_args(a) -> RunConfig:
         a.mask_prob = policy_cls.default_mask_prob
     if a.mask_80_10_10 is None:
         a.mask_80_10_10 = policy_cls.default_mask_80_10_10
-    method_options = {
-        "3ml": dict(decoder_layers=2 if a.decoder_layers is None else a.decoder_layers,
-                    decoder_type=a.mlm3_decoder or "self"),
-        "token-drop": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.995),
-        "sctd": dict(td_keep_ratio=a.td_keep_ratio, td_beta=a.td_beta or 0.95, sctd_interval=a.sctd_interval,
-                     sctd_code_compat=a.sctd_code_compat, sctd_kl_weight=a.sctd_kl_weight),
-        "random-ltd": dict(ltd_start=a.ltd_start, ltd_steps=a.ltd_steps, ltd_granularity=a.ltd_granularity),
-    }.get(a.method, {})
+    given = {f.dest: getattr(a, f.dest) for f in all_flags().values()}
+    method_options = policy_cls.options(given)
     model = ModelConfig(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,
@@ -308,8 +290,7 @@ def config_from_args(a) -> RunConfig:
         bias_gelu_fusion=a.bias_gelu_fusion,
         bias_dropout_fusion=a.bias_dropout_fusion,
         attention_softmax_in_fp32=a.attention_softmax_in_fp32,
-        decoder_layers=method_options.get("decoder_layers", 0),
-        decoder_type=method_options.get("decoder_type", "self"),
+        **policy_cls.model_overrides(method_options),
         model_arch=a.model_arch,
         num_tokentypes=a.num_tokentypes,
         lm_head_chunk_size=a.lm_head_chunk_size,
@@ -378,15 +359,15 @@ def config_from_args(a) -> RunConfig:
 
 _POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
              "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "micro_batch_size",
-             "global_batch_size", "log_interval", "eval_iters", "sctd_interval", "ltd_granularity",
+             "global_batch_size", "log_interval", "eval_iters",
              "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
              "lr_decay_iters", "init_method_std", "layernorm_epsilon", "adam_eps", "train_flops_budget",
              "peak_tflops", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window")
 _NON_NEGATIVE = ("train_iters", "lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "eval_interval", "save_interval",
-                 "exit_interval", "ltd_steps", "num_tokentypes", "hysteresis", "sctd_kl_weight", "fp8_margin")
+                 "exit_interval", "num_tokentypes", "hysteresis", "fp8_margin")
 # (low, high, high included): [low, high) or [low, high]
 _FRACTIONS = {"hidden_dropout": (0.0, 1.0, False), "attention_dropout": (0.0, 1.0, False),
-              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False), "td_beta": (0.0, 1.0, True),
+              "adam_beta1": (0.0, 1.0, False), "adam_beta2": (0.0, 1.0, False),
               "lr_warmup_fraction": (0.0, 1.0, False)}
 
 
@@ -398,7 +379,7 @@ def check_values(a) -> None:
     """Values no run can use: one ConfigError naming the flag, before anything is built."""
     import math
 
-    for dest in _POSITIVE + _NON_NEGATIVE + tuple(_FRACTIONS) + ("td_keep_ratio", "mask_prob", "rotary_percent"):
+    for dest in _POSITIVE + _NON_NEGATIVE + tuple(_FRACTIONS) + ("mask_prob", "rotary_percent"):
         v = getattr(a, dest, None)
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{_flag(dest)} must be a finite number, got {v}")
@@ -414,8 +395,6 @@ def check_values(a) -> None:
         v = getattr(a, dest, None)
         if v is not None and not (low <= v <= high if closed else low <= v < high):
             raise ConfigError(f"{_flag(dest)} must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
-    if not 0 < a.td_keep_ratio <= 1:
-        raise ConfigError(f"--td-keep-ratio must be in (0, 1], got {a.td_keep_ratio}")
     if a.mask_prob is not None and not 0 < a.mask_prob < 1:
         raise ConfigError(f"--mask-prob must be in (0, 1), got {a.mask_prob}")
     if not 0 < a.rotary_percent <= 1:
@@ -427,15 +406,21 @@ def check_values(a) -> None:
     if a.lr_warmup_iters and a.lr_warmup_iters >= decay and a.train_iters != 0:  # megatron-core's scheduler asserts it
         raise ConfigError(f"--lr-warmup-iters {a.lr_warmup_iters} must be below "
                           f"{'--lr-decay-iters' if a.lr_decay_iters else '--train-iters'} {decay}")
-    if a.method != "3ml":
-        for dest, value in (("decoder_layers", a.decoder_layers), ("3ml_decoder", a.mlm3_decoder)):
-            if value is not None:
-                raise ConfigError(f"{_flag(dest)} is for --method 3ml (the one method with a decoder), "
-                                  f"not --method {a.method}")
-    elif a.decoder_layers is not None and a.decoder_layers < 1:
-        raise ConfigError(f"--decoder-layers must be >= 1 for --method 3ml, got {a.decoder_layers}")
-    if a.method == "random-ltd" and not 1 <= a.ltd_start <= a.seq_length:
-        raise ConfigError(f"--ltd-start {a.ltd_start} must be in [1, --seq-length {a.seq_length}]")
+    # each method's flags: their values whatever the method, then that the method has them
+    flags = all_flags()
+    for f in flags.values():
+        v = getattr(a, f.dest, None)
+        if v is not None and f.check is not None and (why := f.check(v)):
+            raise ConfigError(f"{f.name} {why}")
+    policy_cls = POLICIES.get(a.method)
+    if policy_cls is not None:
+        for f in flags.values():
+            if getattr(a, f.dest, None) is not None and f not in policy_cls.flags:
+                users = sorted(n for n, c in POLICIES.items() if f in c.flags)
+                raise ConfigError(f"{f.name} is for --method {' or '.join(users)}, not --method {a.method}")
+        why = policy_cls.check_options(policy_cls.options(vars(a)), a.seq_length)
+        if why:
+            raise ConfigError(why)
     check_outputs(a)
 
 

@@ -16,6 +16,7 @@ METHODS = {
     "token-drop": ["--method", "token-drop"],
     "sctd": ["--method", "sctd", "--sctd-interval", "2"],
     "random-ltd": ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "8"],
+    "3ml-td": ["--method", "3ml-td"],  # 3ML's encoder with token dropping inside (one file: plans/mlm3_td.py)
 }
 METHOD_LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],

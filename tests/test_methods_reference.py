@@ -192,6 +192,58 @@ def test_token_drop(demo_batch, demo_tokenizer):
     assert_same(model, ref, loss, ref_losses.mean())
 
 
+@pytest.mark.parametrize("decoder_type", ["self", "cross"])
+def test_3ml_td(demo_batch, demo_tokenizer, decoder_type):
+    """3ML whose encoder drops tokens: layers 0..c-1 on the unmasked tokens, layer c on them
+    all, layers c+1..L-2 on the kept ones (top half of each row's unmasked tokens by
+    importance), the dropped ones back with their pre-layer-c states for the last encoder
+    layer; then the mask vectors and the decoder as in 3ML."""
+    tok = demo_tokenizer
+    batch = {k: v.clone() for k, v in demo_batch.items()}
+    batch["text"][batch["loss_mask"].bool()] = tok.mask
+    cfg, model = make_model(tok.vocab_size, decoder_layers=2, decoder_type=decoder_type)
+    policy = get_policy("3ml-td", tokenizer=tok, num_layers=L, decoder_layers=2, decoder_type=decoder_type)
+    policy.importance = torch.rand(tok.vocab_size, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 20
+    policy._pin()
+    loss, out = engine_loss(model, policy, batch)
+    ref = Ref(model, cfg.layernorm_epsilon)
+    c, losses, dropped = L // 2 - 1, [], 0
+    for r, real, pred, labels in rows(batch):
+        unmasked = real[batch["text"][r, real] != tok.mask]
+        masked = real[batch["text"][r, real] == tok.mask]
+        x = ref.embed(batch["text"][r, unmasked], unmasked)
+        scores = policy.importance[batch["text"][r, unmasked]]
+        k = max(1, round(0.5 * unmasked.numel()))
+        keep_slots = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:k]).values
+        dropped += unmasked.numel() - k
+        for l in range(L):
+            if l == c:
+                saved = x
+            if l == c + 1:
+                x = x[keep_slots]
+            if l == L - 1:
+                back = saved.clone()
+                back[keep_slots] = x
+                x = back
+            x = ref.layer(x, f"encoder.layers.{l}.")
+        x = ref.ln(x, "encoder.final_layernorm")
+        if decoder_type == "cross":
+            y = ref.p["mask_embedding"] + ref.p["embedding.position_embeddings.weight"][pred]
+            for l in range(2):
+                y = ref.layer(y, f"decoder.layers.{l}.", context=x)
+            losses.append(ref.head_losses(ref.ln(y, "decoder.final_layernorm"), labels))
+            continue
+        inj = ref.p["mask_embedding"] + ref.p["embedding.position_embeddings.weight"][masked]
+        x, order = torch.cat([x, inj]), torch.cat([unmasked, masked])
+        for l in range(2):
+            x = ref.layer(x, f"decoder.layers.{l}.")
+        x = ref.ln(x, "decoder.final_layernorm")
+        slot = {int(p): i for i, p in enumerate(order)}
+        losses.append(ref.head_losses(x[[slot[int(p)] for p in pred]], labels))
+    assert dropped > 0
+    assert_same(model, ref, loss, torch.cat(losses).mean())
+
+
 @pytest.mark.parametrize("compat", [False, True])
 def test_sctd_consistency_step(demo_batch, demo_tokenizer, compat):
     tok = demo_tokenizer
@@ -316,8 +368,8 @@ def test_flop_count_follows_the_plan(demo_batch, demo_tokenizer):
 @pytest.mark.parametrize("method,opts", [
     ("vanilla", {}), ("3ml", dict(decoder_layers=2)), ("3ml", dict(decoder_layers=2, decoder_type="cross")),
     ("token-drop", dict(td_keep_ratio=0.5)), ("sctd", dict(td_keep_ratio=0.5, sctd_interval=2)),
-    ("random-ltd", dict(ltd_start=32, ltd_steps=1000, ltd_granularity=16)),
-], ids=["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"])
+    ("random-ltd", dict(ltd_start=32, ltd_steps=1000, ltd_granularity=16)), ("3ml-td", dict(decoder_layers=2)),
+], ids=["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd", "3ml-td"])
 def test_policy_flop_model_matches_what_the_engine_ran(demo_batch, demo_tokenizer, method, opts):
     """Each policy's own FLOP model (`layer_costs`: what the progress line, the budget's schedule,
     pipeline balancing and the benchmarks use) against the engine's count of what it ran on a
@@ -328,9 +380,9 @@ def test_policy_flop_model_matches_what_the_engine_ran(demo_batch, demo_tokenize
 
     tok = demo_tokenizer
     batch = {k: v.clone() for k, v in demo_batch.items()}
-    if method == "3ml":
+    if method.startswith("3ml"):
         batch["text"][batch["loss_mask"].bool()] = tok.mask
-    dec = dict(decoder_layers=2, decoder_type=opts.get("decoder_type", "self")) if method == "3ml" else {}
+    dec = dict(decoder_layers=2, decoder_type=opts.get("decoder_type", "self")) if method.startswith("3ml") else {}
     _, model = make_model(tok.vocab_size, **dec)
     b, T = batch["text"].shape
     policy = get_policy(method, tokenizer=tok, num_layers=L, **opts)

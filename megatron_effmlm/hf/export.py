@@ -239,7 +239,7 @@ def export(checkpoint: str, output_dir: str, target: Optional[str] = None, token
     arch = info["model"].get("model_arch", "megatron-bert")
     target = target or arch
     check_exportable(info["model"], target)
-    encoder_only = info["method"] == "3ml"
+    encoder_only = bool(info["model"].get("decoder_layers"))  # 3ML-like: the decoder is pre-training machinery
     specials = {"pad": tokenizer.pad, "cls": tokenizer.cls, "sep": tokenizer.sep}
 
     model = load_model(path, common)

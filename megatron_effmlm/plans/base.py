@@ -2,12 +2,18 @@
 
 A policy turns a batch into model inputs (the token plan) and the model's output into a
 loss; the one training loop calls it and never branches on the method. A new method is a
-new file with a `Policy` subclass registered under its `--method` name.
+new file in this package with a `Policy` subclass registered under its `--method` name: its
+flags, their defaults and checks (`flags`, `defaults`), what it needs of the model
+(`model_overrides`), its FLOP model (`layer_costs`) and its extra loss reports
+(`report_keys`) are all declared there, and the parser, the trainer, the FLOP counts and the
+benchmarks read them.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -16,6 +22,64 @@ from megatron_effmlm.model.engine import LiveSet, TokenPlan
 from megatron_effmlm.model.mlm_model import MLMOutput
 
 POLICIES: Dict[str, Type["Policy"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a method. `dest` is the policy constructor's keyword; the
+    parser's default is None (not given), so each method's own default applies
+    (`Policy.defaults`, else `default`). `check(value)` returns what is wrong, or None."""
+
+    name: str
+    dest: str
+    default: Any
+    help: str
+    type: Optional[Callable] = None  # None with action="store_true"
+    choices: Optional[Tuple] = None
+    action: Optional[str] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    def add_to(self, group) -> None:
+        shown = "" if self.action else f" (default: {self.default})"
+        kw = dict(dest=self.dest, default=None, help=self.help + shown)
+        if self.action:
+            kw["action"] = self.action
+        else:
+            kw.update(type=self.type, choices=self.choices)
+        group.add_argument(self.name, **kw)
+
+
+def positive(v) -> Optional[str]:
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v) -> Optional[str]:
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A check for low <= v <= high, each end open or closed, written as [low, high)."""
+    def check(v) -> Optional[str]:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v}"
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {v}"
+    return check
+
+
+def all_flags() -> Dict[str, Flag]:
+    """Every registered method's flags by name (a flag shared by methods is declared once, by
+    one of them, and reused by the others as the same object)."""
+    out: Dict[str, Flag] = {}
+    for name in sorted(POLICIES):
+        for f in POLICIES[name].flags:
+            if out.setdefault(f.name, f) != f:
+                raise ValueError(f"{f.name} is declared twice, differently ({name} and another method)")
+    return out
 
 
 def register(name: str):
@@ -38,10 +102,32 @@ class Policy:
     `loss`, `after_step`, `state_dict`)."""
 
     name = "base"
-    # What the method needs from the model and the data (read by the argument parser).
-    decoder_layers = 0
+    # What the method needs from the data (read by the argument parser).
     default_mask_prob = 0.15
     default_mask_80_10_10 = True
+    flags: Tuple[Flag, ...] = ()  # this method's command-line flags
+    defaults: Dict[str, Any] = {}  # dest -> this method's default, where it differs from the flag's
+    # the loss terms it reports besides "lm loss" (each a [sum, count] pair in the report)
+    report_keys: Tuple[str, ...] = ("sop loss",)
+
+    @classmethod
+    def options(cls, given: Dict[str, Any]) -> Dict[str, Any]:
+        """Constructor keywords from parsed flag values by dest (None or absent: not given)."""
+        out = {}
+        for f in cls.flags:
+            v = given.get(f.dest)
+            out[f.dest] = v if v is not None else cls.defaults.get(f.dest, f.default)
+        return out
+
+    @classmethod
+    def model_overrides(cls, options: Dict[str, Any]) -> Dict[str, Any]:
+        """ModelConfig fields this method sets (3ML: its decoder)."""
+        return {}
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any], seq_length: int) -> Optional[str]:
+        """What is wrong with this method's options together with the model (None: nothing)."""
+        return None
 
     def __init__(self, tokenizer=None, binary_head: bool = False, num_layers: int = 0, seed: int = 0, **options):
         self.tokenizer = tokenizer

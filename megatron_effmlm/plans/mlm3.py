@@ -15,13 +15,24 @@ import torch
 
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
 from megatron_effmlm.model.flops import cross_attention_flops
-from megatron_effmlm.plans.base import Policy, real_positions, register
+from megatron_effmlm.plans.base import Flag, Policy, real_positions, register
+
+DECODER_LAYERS = Flag("--decoder-layers", "decoder_layers", 2, "3ML's methods: decoder layers after the mask injection",
+                      type=int, check=lambda v: None if v >= 1 else f"must be >= 1 for --method 3ml, got {v}")
+DECODER_TYPE = Flag("--3ml-decoder", "decoder_type", "self",
+                    "3ML's methods: the decoder's stream: self (every position) or cross (the masked positions, "
+                    "cross-attending to the encoder's output)", type=str, choices=("self", "cross"))
 
 
 @register("3ml")
 class ThreeMLPolicy(Policy):
     default_mask_prob = 0.5
     default_mask_80_10_10 = False  # the encoder never sees the masked tokens
+    flags = (DECODER_LAYERS, DECODER_TYPE)
+
+    @classmethod
+    def model_overrides(cls, options):
+        return dict(decoder_layers=options["decoder_layers"], decoder_type=options["decoder_type"])
 
     def __init__(self, decoder_layers: int = 2, decoder_type: str = "self", **kw):
         super().__init__(**kw)

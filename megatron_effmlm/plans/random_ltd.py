@@ -13,7 +13,7 @@ import torch
 
 from megatron_effmlm.config import ConfigError
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Policy, real_positions, register, static_width
+from megatron_effmlm.plans.base import Flag, Policy, non_negative, positive, real_positions, register, static_width
 
 
 def ltd_length(step: int, seq_len: int, start: int, steps: int, granularity: int) -> int:
@@ -49,6 +49,21 @@ def uniform_hash(text, seed: int, step: int, layer: int):
 
 @register("random-ltd")
 class RandomLTDPolicy(Policy):
+    flags = (
+        # its range depends on --seq-length: check_options
+        Flag("--ltd-start", "ltd_start", 64, "random-ltd: kept tokens per middle layer at step 0", type=int),
+        Flag("--ltd-steps", "ltd_steps", 1000, "random-ltd: steps to grow to the full length", type=int,
+             check=non_negative),
+        Flag("--ltd-granularity", "ltd_granularity", 16, "random-ltd: the kept length's grid", type=int,
+             check=positive),
+    )
+
+    @classmethod
+    def check_options(cls, options, seq_length):
+        if not 1 <= options["ltd_start"] <= seq_length:
+            return f"--ltd-start {options['ltd_start']} must be in [1, --seq-length {seq_length}]"
+        return None
+
     @classmethod
     def layer_costs(cls, shape, ltd_start: int = 64, ltd_len: int = None, **options):
         """The first and last layers on all tokens, the middle ones on ltd_len; by default the

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_effmlm.model.engine import TokenPlan
-from megatron_effmlm.plans.base import real_positions, register
+from megatron_effmlm.plans.base import Flag, non_negative, positive, real_positions, register
 from megatron_effmlm.plans.token_drop import TokenDropPolicy
 
 
@@ -29,6 +29,17 @@ def consistency_kl(drop_state, full_state):
 
 @register("sctd")
 class ScTDPolicy(TokenDropPolicy):
+    flags = TokenDropPolicy.flags + (
+        Flag("--sctd-interval", "sctd_interval", 10, "sctd: a consistency step every N steps", type=int, check=positive),
+        Flag("--sctd-code-compat", "sctd_code_compat", False, "sctd: both MLM terms from the dropped pass",
+             action="store_true"),
+        Flag("--sctd-kl-weight", "sctd_kl_weight", 0.05,
+             "sctd: weight of each layer's consistency KL (summed over rows), which shares the MLM sums' "
+             "normaliser, the predicted tokens", type=float, check=non_negative),
+    )
+    defaults = {"td_beta": 0.95}  # the ScTD code's value
+    report_keys = TokenDropPolicy.report_keys + ("full lm loss", "consistency kl")
+
     def __init__(self, sctd_interval: int = 10, sctd_code_compat: bool = False, sctd_kl_weight: float = 0.05, **kw):
         kw.setdefault("td_beta", 0.95)  # the ScTD code's value
         super().__init__(**kw)

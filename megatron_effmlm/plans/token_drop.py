@@ -18,7 +18,12 @@ import torch.distributed as dist
 
 from megatron_effmlm.config import ConfigError
 from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Policy, real_positions, register, static_width
+from megatron_effmlm.plans.base import Flag, Policy, in_range, real_positions, register, static_width
+
+KEEP_RATIO = Flag("--td-keep-ratio", "td_keep_ratio", 0.5, "token dropping's methods: kept fraction of the middle layers",
+                  type=float, check=in_range(0, 1, low_open=True))
+BETA = Flag("--td-beta", "td_beta", 0.995, "token dropping's methods: importance EMA (0.995; sctd 0.95)",
+            type=float, check=in_range(0, 1))
 
 PIN = 1e4
 
@@ -45,6 +50,8 @@ def kept_bound(seq_len: int, keep_ratio: float) -> int:
 
 @register("token-drop")
 class TokenDropPolicy(Policy):
+    flags = (KEEP_RATIO, BETA)
+
     @classmethod
     def layer_costs(cls, shape, td_keep_ratio: float = 0.5, **options):
         T, L = shape.seq_len, shape.num_layers

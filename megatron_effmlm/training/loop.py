@@ -325,8 +325,6 @@ class Trainer:
             **self.schedule_kwargs,
         )
 
-    EXTRA_REPORTS = ("sop loss", "full lm loss", "consistency kl")
-
     def _reduce_report(self, reports, key="lm loss") -> float:
         """Global mean of a per-token loss: sum over micro-batches and data-parallel ranks
         on the last stage, then shared with every rank of the pipeline (nan if absent)."""
@@ -383,7 +381,7 @@ class Trainer:
             self.policy.after_step(self.iteration)
         else:
             self.policy.discard_step()
-        extra = {k: self._reduce_report(reports, k) for k in self.EXTRA_REPORTS}
+        extra = {k: self._reduce_report(reports, k) for k in self.policy.report_keys}  # the method's own terms
         tokens = torch.tensor([self._batch_tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         self.train_flops += flops
@@ -458,7 +456,8 @@ class Trainer:
         train_ds, valid_ds, _ = self.datasets
         # Under a budget the FLOP model's estimate is the better total for the ETA.
         total = min(t.train_iters, getattr(self, "budget_iters", t.train_iters))
-        progress = Progress(total, self.iteration, t.tensorboard_dir, enabled=is_logging_rank())
+        progress = Progress(total, self.iteration, t.tensorboard_dir, enabled=is_logging_rank(),
+                            extra_keys=[k.replace(" ", "_") for k in self.policy.report_keys])
         it = self.data_iterator(train_ds, self.consumed_samples)
         for m in self.model:
             m.train()

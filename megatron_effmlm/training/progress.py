@@ -14,8 +14,9 @@ def _hms(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_iters: int, start_iter: int, tensorboard_dir=None, enabled=True):
+    def __init__(self, total_iters: int, start_iter: int, tensorboard_dir=None, enabled=True, extra_keys=()):
         self.total, self.start = total_iters, start_iter
+        self.extra_keys = tuple(extra_keys)  # the method's loss terms besides the MLM loss (Policy.report_keys)
         self.enabled = enabled
         self.t0 = time.time()
         self.history = {"train": [], "valid": [], "flops": []}  # (iteration, loss); (iteration, train FLOPs)
@@ -34,7 +35,7 @@ class Progress:
         eta = elapsed / max(done, 1) * (self.total - iteration)
         fields = [f"iter {iteration:>6d}/{self.total}"]
         fields += [f"loss {scalars['loss']:.4f}"]
-        fields += [f"{k.replace('_', ' ')} {scalars[k]:.4f}" for k in ("sop_loss", "full_lm_loss", "consistency_kl") if k in scalars]
+        fields += [f"{k.replace('_', ' ')} {scalars[k]:.4f}" for k in self.extra_keys if k in scalars]
         fields += [f"lr {scalars['lr']:.3e}", f"grad norm {scalars['grad_norm']:.3f}"]
         fields += [f"tok/s {scalars['tokens_per_s']:,.0f}"]
         if "tflops" in scalars:
