@@ -185,7 +185,8 @@ def apply_config_fp8(model: torch.nn.Module, transformer_config) -> int:
     if not settings:
         return 0
     n = apply_fp8(model, *settings)
-    model.live_token_multiple = max(model.live_token_multiple, 16)
+    if hasattr(model, "live_token_multiple"):  # MLMModel (megatron-core's BertModel runs all T positions)
+        model.live_token_multiple = max(model.live_token_multiple, 16)
     return n
 
 
