@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -106,7 +107,10 @@ def status(fp8_format: str = "hybrid", recipe: str = "tensorwise") -> Tuple[bool
     err = recipe_error(fp8_format, recipe)
     if err:
         return False, err
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device("cpu")
+    if torch.cuda.is_available():  # flags are checked before set_device: probe the GPU this rank will use
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.distributed.is_initialized()
+                           else int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
     try:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -118,8 +122,8 @@ def status(fp8_format: str = "hybrid", recipe: str = "tensorwise") -> Tuple[bool
         return False, f"torchao {torchao.__version__}: torch._scaled_mm has no {recipe} float8 kernel on {where} " \
                       f"({type(e).__name__}: {msg})"
     if dev.type == "cpu":
-        return True, (f"torchao {torchao.__version__}, torch._scaled_mm on the CPU (a reference kernel, about "
-                      "1000x slower than bf16 GEMMs: for tests, not for training)")
+        return True, (f"torchao {torchao.__version__}, torch._scaled_mm on the CPU (a reference kernel, 16 to "
+                      "2000 times slower than bf16 GEMMs: for tests, not for training)")
     return True, f"torchao {torchao.__version__}, torch._scaled_mm on {where}"
 
 
