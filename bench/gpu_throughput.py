@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--fp8-recipe", default=None,
                    help="fp8's --fp8-recipe (default: the provider's, TE delayed, torchao tensorwise; torchao's "
                         "rowwise runs with --fp8-format e4m3, the others hybrid)")
+    p.add_argument("--fp8-compile", action="store_true", help="fp8 with torchao: torch.compile its casts and GEMMs")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=None,
@@ -127,7 +128,7 @@ def fp8_line(a) -> str:
     from megatron_effmlm.model.backends import fp8_status
 
     provider, why = fp8_status(a.transformer_impl, "e4m3" if a.fp8_recipe == "rowwise" else "hybrid", a.fp8_recipe)
-    return f"{provider}, recipe {a.fp8_recipe or 'its default'}: {why}"
+    return f"{provider}, recipe {a.fp8_recipe or 'its default'}{', compiled' if a.fp8_compile else ''}: {why}"
 
 
 def build_runner(a, name, shape, precision, tok, batches):
@@ -146,7 +147,7 @@ def build_runner(a, name, shape, precision, tok, batches):
     L, d, heads = SHAPES[shape]
     fp8_format = ("e4m3" if a.fp8_recipe == "rowwise" else "hybrid") if precision == "fp8" else None
     prec = PrecisionConfig(bf16=precision in ("bf16", "fp8"), fp8_format=fp8_format,
-                           fp8_recipe=a.fp8_recipe if fp8_format else None)
+                           fp8_recipe=a.fp8_recipe if fp8_format else None, fp8_compile=a.fp8_compile and bool(fp8_format))
     set_seed(a.seed)
     mcfg = ModelConfig(num_layers=L, hidden_size=d, num_attention_heads=heads, seq_length=a.seq_length,
                        vocab_size=a.vocab, hidden_dropout=a.dropout, attention_dropout=a.dropout,

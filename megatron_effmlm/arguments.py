@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-recipe", default=None, choices=["delayed", "tensorwise", "blockwise", "mxfp8", "rowwise"],
                    help="scaling: Transformer Engine takes delayed (its default), tensorwise, blockwise, mxfp8; "
                         "torchao takes tensorwise (its default) or rowwise (with --fp8-format e4m3)")
+    g.add_argument("--fp8-compile", action="store_true",
+                   help="torchao's FP8 only: torch.compile its float8 casts and GEMMs (fuses the scaling kernels; "
+                        "compiles on the first steps)")
     g.add_argument("--fp8-margin", type=int, default=0, help="Transformer Engine's delayed scaling only")
     g.add_argument("--fp8-amax-history-len", type=int, default=1, help="Transformer Engine's delayed scaling only")
     g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"],
@@ -267,6 +270,8 @@ def config_from_args(a) -> RunConfig:
             raise ConfigError(reason)
     if a.fp8_format:
         a.fp8_recipe = check_fp8(a)
+    elif a.fp8_compile:
+        raise ConfigError("--fp8-compile needs --fp8-format")
     if not a.data_path:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
@@ -369,8 +374,8 @@ def config_from_args(a) -> RunConfig:
     if not a.distributed_timeout_minutes > 0:
         raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {a.distributed_timeout_minutes}")
     prec = PrecisionConfig(
-        bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_margin=a.fp8_margin,
-        fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
+        bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_compile=a.fp8_compile,
+        fp8_margin=a.fp8_margin, fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
         loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale, min_loss_scale=a.min_loss_scale,
         loss_scale_window=a.loss_scale_window, hysteresis=a.hysteresis,
     )
@@ -497,6 +502,9 @@ def check_fp8(a) -> str:
             if value != default:
                 raise ConfigError(f"{flag} is for Transformer Engine's delayed scaling; torchao (FP8 here: {why}) "
                                   "scales each tensor from its own current amax")
+    elif a.fp8_compile:
+        raise ConfigError("--fp8-compile is for torchao's FP8 (--transformer-impl local); Transformer Engine's FP8 "
+                          "kernels are fused already")
     elif a.recompute_granularity == "full":
         raise ConfigError(f"--fp8-format {fmt} with --recompute-granularity full is not supported with Transformer "
                           "Engine; use selective")

@@ -124,6 +124,7 @@ class PrecisionConfig:
     # TE: "delayed" | "tensorwise" | "blockwise" | "mxfp8"; torchao: "tensorwise" | "rowwise";
     # None: the provider's default (TE delayed, torchao tensorwise)
     fp8_recipe: Optional[str] = None
+    fp8_compile: bool = False  # torchao only: torch.compile its float8 casts and GEMMs
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
@@ -169,7 +170,7 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
                    fp8_amax_history_len=prec.fp8_amax_history_len,
                    fp8_amax_compute_algo=prec.fp8_amax_compute_algo)
     elif prec.fp8_format:  # local spec: torchao in the parallel linears, applied by the model builder
-        torchao_fp8 = (prec.fp8_format, prec.fp8_recipe or "tensorwise")
+        torchao_fp8 = (prec.fp8_format, prec.fp8_recipe or "tensorwise", prec.fp8_compile)
     tc = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -32,15 +32,19 @@ print("fp8 (auto spec):", fp8_status(), "| fp8 (local spec):", fp8_status("local
       "| rowwise:", fp8_status("local", "e4m3", "rowwise"), "| apex:", apex_status())
 EOF
 } 2>&1 | tee "$OUT/env.txt"
-want tests && EFFMLM_TEST_GPU=1 timeout ${GPU_CHECK_TEST_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -rs \
+want tests && EFFMLM_TEST_GPU=1 timeout ${GPU_CHECK_TEST_TIMEOUT:-140} $PY -m pytest -q -p no:cacheprovider -rs \
   tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 # where the step time goes, per method (attention, GEMMs, head + loss, index ops, optimizer, idle)
-want profile && timeout ${GPU_CHECK_PROFILE_TIMEOUT:-100} $PY bench/profile_step.py --shape bert-base --precision bf16 \
+want profile && timeout ${GPU_CHECK_PROFILE_TIMEOUT:-90} $PY bench/profile_step.py --shape bert-base --precision bf16 \
   --results-dir "$OUT" 2>&1 | tee "$OUT/profile_step.log"
-want bench && timeout ${GPU_CHECK_BENCH_TIMEOUT:-150} $PY bench/gpu_throughput.py --precisions bf16 --warmup 2 --steps 6 \
+want bench && timeout ${GPU_CHECK_BENCH_TIMEOUT:-130} $PY bench/gpu_throughput.py --precisions bf16 --warmup 2 --steps 6 \
   --results-dir "$OUT" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_throughput.log"
-# FP8 (torchao's float8 GEMMs in the local spec, or TE's where installed) against bf16, BERT-large
+# FP8 (torchao's float8 GEMMs in the local spec, or TE's where installed) against bf16, BERT-large;
+# then torchao's FP8 under torch.compile (eager runs each amax / scale / cast as its own kernel)
 if want fp8 && $PY -c "import torchao" >/dev/null 2>&1; then
-  timeout ${GPU_CHECK_FP8_TIMEOUT:-80} $PY bench/gpu_throughput.py --shapes bert-large --precisions bf16,fp8 \
+  timeout ${GPU_CHECK_FP8_TIMEOUT:-60} $PY bench/gpu_throughput.py --shapes bert-large --precisions bf16,fp8 \
     --methods vanilla --warmup 2 --steps 6 --tag fp8 --results-dir "$OUT" 2>&1 | tee "$OUT/gpu_throughput_fp8.log"
+  timeout ${GPU_CHECK_FP8_COMPILE_TIMEOUT:-80} $PY bench/gpu_throughput.py --shapes bert-large --precisions fp8 \
+    --fp8-compile --transformer-impl local --methods vanilla --warmup 3 --steps 6 --tag fp8_compiled \
+    --results-dir "$OUT" 2>&1 | tee "$OUT/gpu_throughput_fp8_compiled.log"
 fi

@@ -23,7 +23,7 @@ TORCHAO = "torchao 0.18.0, torch._scaled_mm on the CPU (a reference kernel, 16 t
           "GEMMs: for tests, not for training)"
 
 
-def fp8_model(vocab, method="vanilla", fp8_format=None, recipe=None, recompute=None):
+def fp8_model(vocab, method="vanilla", fp8_format=None, recipe=None, recompute=None, compile=False):
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
     from megatron_effmlm.model.builder import build_model
 
@@ -32,7 +32,7 @@ def fp8_model(vocab, method="vanilla", fp8_format=None, recipe=None, recompute=N
     cfg = ModelConfig(num_layers=LAYERS.get(method, L), hidden_size=H, num_attention_heads=NH, seq_length=64, vocab_size=vocab,
                       hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local", **dec)
     par = ParallelConfig(recompute_granularity=recompute)
-    prec = PrecisionConfig(bf16=True, fp8_format=fp8_format, fp8_recipe=recipe)
+    prec = PrecisionConfig(bf16=True, fp8_format=fp8_format, fp8_recipe=recipe, fp8_compile=compile)
     return build_model(cfg, par, build_transformer_config(cfg, par, prec), wrap_ddp=False)[0]
 
 
@@ -115,6 +115,21 @@ def test_fp8_with_full_recompute_equals_fp8(mcore_single, demo_batch, demo_token
         assert torch.equal(g1[k], g2[k]), k
 
 
+def test_fp8_compiled_equals_eager(mcore_single, demo_batch, demo_tokenizer):
+    """--fp8-compile: the same float8 casts and GEMMs under torch.compile (fused), so the same
+    loss and gradients as eager, bit for bit on the CPU (about a minute: inductor compiles)."""
+    tok = demo_tokenizer
+    eager = fp8_model(tok.vocab_size, fp8_format="hybrid")
+    compiled = fp8_model(tok.vocab_size, fp8_format="hybrid", compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    l1, g1, _ = step(eager, "vanilla", tok, demo_batch)
+    l2, g2, c2 = step(compiled, "vanilla", tok, demo_batch)
+    assert c2 > 0  # the compiled graph still calls torch._scaled_mm
+    assert l1 == l2
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
 def test_fp8_trainer_tp2_follows_one_process(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """The trainer with --fp8-format on one process, TP=2 and TP=2 + sequence parallel (torchrun,
     gloo) from one checkpoint: each TP rank scales its own shard of every weight and
@@ -161,6 +176,7 @@ def _config_error(flags):
      "--fp8-recipe mxfp8 needs Transformer Engine; torchao (FP8 with the local layer spec) takes tensorwise or rowwise"),
     (["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "delayed"],
      "--fp8-recipe delayed needs Transformer Engine; torchao (FP8 with the local layer spec) takes tensorwise or rowwise"),
+    (["--bf16", "--fp8-compile"], "--fp8-compile needs --fp8-format"),
     (["--bf16", "--fp8-format", "hybrid", "--fp8-margin", "1"],
      f"--fp8-margin is for Transformer Engine's delayed scaling; torchao (FP8 here: {TORCHAO}) scales each tensor "
      "from its own current amax"),

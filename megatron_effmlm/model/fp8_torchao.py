@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 TORCHAO_RECIPES = ("tensorwise", "rowwise")
-CONFIG_ATTR = "effmlm_torchao_fp8"  # on the TransformerConfig: (fp8_format, recipe)
+CONFIG_ATTR = "effmlm_torchao_fp8"  # on the TransformerConfig: (fp8_format, recipe, compile)
 logger = logging.getLogger(__name__)
 
 
@@ -97,6 +97,14 @@ def float8_matmul(x: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
+def compiled_float8_matmul():
+    """float8_matmul under torch.compile, shared by every linear: the amax, scale and cast
+    kernels that eager mode runs one by one fuse (torchao's recommended way to train in
+    float8). dynamic=True: one graph serves the changing live-token counts and layer widths."""
+    return torch.compile(float8_matmul, dynamic=True)
+
+
+@functools.lru_cache(maxsize=None)
 def status(fp8_format: str = "hybrid", recipe: str = "tensorwise") -> Tuple[bool, str]:
     """Whether torchao's float8 matmul runs here: torchao imports and a 32 x 32 x 32 bf16
     product with its gradients goes through torch._scaled_mm on the current device."""
@@ -132,8 +140,9 @@ class Float8ForwardImpl:
     implementation still serves what this does not cover: frozen weights and the deferred
     embedding weight-gradient buffer (neither occurs in a transformer layer here)."""
 
-    def __init__(self, original, config):
+    def __init__(self, original, config, compile: bool = False):
         self.original, self.config = original, config
+        self.matmul = compiled_float8_matmul() if compile else float8_matmul
 
     def __call__(self, input, weight, **kw):  # megatron-core passes everything else by keyword
         if not weight.requires_grad or kw.get("grad_output_buffer") is not None:
@@ -150,7 +159,7 @@ class Float8ForwardImpl:
             input = mappings.gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=group)
         elif kw.get("allreduce_dgrad"):
             input = mappings.copy_to_tensor_model_parallel_region(input, group=group)
-        out = float8_matmul(input, weight, self.config)
+        out = self.matmul(input, weight, self.config)
         return out + kw["bias"] if kw.get("bias") is not None else out
 
 
@@ -169,14 +178,14 @@ def transformer_linears(model: torch.nn.Module):
                 yield name, m
 
 
-def apply_fp8(model: torch.nn.Module, fp8_format: str, recipe: str) -> int:
-    """Route the GEMMs of `model`'s transformer layers through torchao's float8 matmul.
-    Returns how many linears were switched."""
+def apply_fp8(model: torch.nn.Module, fp8_format: str, recipe: str, compile: bool = False) -> int:
+    """Route the GEMMs of `model`'s transformer layers through torchao's float8 matmul
+    (torch.compile'd with `compile`). Returns how many linears were switched."""
     config = float8_config(fp8_format, recipe)
     n = 0
     for _, m in transformer_linears(model):
         if not isinstance(m._forward_impl, Float8ForwardImpl):
-            m._forward_impl = Float8ForwardImpl(m._forward_impl, config)
+            m._forward_impl = Float8ForwardImpl(m._forward_impl, config, compile)
             n += 1
     return n
 
@@ -195,6 +204,6 @@ def apply_config_fp8(model: torch.nn.Module, transformer_config) -> int:
 
 
 def describe(transformer_config, n_linears: int) -> str:
-    fmt, recipe = getattr(transformer_config, CONFIG_ATTR)
-    return (f"torchao float8 GEMMs (format {fmt}, recipe {recipe}) in {n_linears} linears of the transformer "
-            f"layers; {status(fmt, recipe)[1]}")
+    fmt, recipe, compiled = getattr(transformer_config, CONFIG_ATTR)
+    return (f"torchao float8 GEMMs (format {fmt}, recipe {recipe}{', torch.compile' if compiled else ', eager'}) in "
+            f"{n_linears} linears of the transformer layers; {status(fmt, recipe)[1]}")
