@@ -134,12 +134,14 @@ def attribute(prof, n_steps: int, on_gpu: bool):
 
     totals = dict.fromkeys(ORDER, 0.0)
     if on_gpu:
-        by_id = {e.id: e for e in events if _is_cpu(e)}
+        # a kernel's linked correlation id is the id of the op that launched it (as torch's own
+        # parser pairs them: among the CPU events not linked to another)
+        by_id = {e.id: e for e in events if _is_cpu(e) and e.linked_correlation_id == 0}
         intervals = []
         for k in events:
             if k.device_type != torch.autograd.DeviceType.CUDA or k.time_range.elapsed_us() <= 0:
                 continue
-            launcher = by_id.get(getattr(k, "linked_correlation_id", 0))
+            launcher = by_id.get(k.linked_correlation_id)
             if launcher is None or not in_step(launcher.time_range.start):
                 continue
             cat = None
