@@ -29,6 +29,8 @@ setup(
     extras_require={
         # GPU-only; Apex is built from NVIDIA's source on GPU machines (PyPI's "apex" is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
+        # FP8 without Transformer Engine (model/fp8_torchao.py)
+        "fp8": ["torchao>=0.18"],
         "test": ["pytest"],
     },
 )

@@ -339,10 +339,11 @@ class Runner:
         )
         sync()
         t1 = time.perf_counter()
-        self.optimizer.step()
-        if self.policy is not None:
-            self.policy.after_step(self.calls + 1)
-        sync()
+        with torch.profiler.record_function("effmlm/optimizer"):  # bench/profile_step.py's scope
+            self.optimizer.step()
+            if self.policy is not None:
+                self.policy.after_step(self.calls + 1)
+            sync()
         dt = time.perf_counter() - t0
         self.last_opt = time.perf_counter() - t1
         if hasattr(inner, "forward_flops"):

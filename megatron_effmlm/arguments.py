@@ -147,11 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-scale-window", type=float, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
-                   help="FP8 GEMMs through Transformer Engine (with --bf16 or --fp16)")
-    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
-    g.add_argument("--fp8-margin", type=int, default=0)
-    g.add_argument("--fp8-amax-history-len", type=int, default=1)
-    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"])
+                   help="FP8 GEMMs (with --bf16 or --fp16): hybrid = e4m3 forward, e5m2 gradients; through "
+                        "Transformer Engine with its layer spec, else through torchao in the local spec's linears")
+    g.add_argument("--fp8-recipe", default=None, choices=["delayed", "tensorwise", "blockwise", "mxfp8", "rowwise"],
+                   help="scaling: Transformer Engine takes delayed (its default), tensorwise, blockwise, mxfp8; "
+                        "torchao takes tensorwise (its default) or rowwise (with --fp8-format e4m3)")
+    g.add_argument("--fp8-compile", action="store_true",
+                   help="torchao's FP8 only: torch.compile its float8 casts and GEMMs (fuses the scaling kernels; "
+                        "compiles on the first steps)")
+    g.add_argument("--fp8-margin", type=int, default=0, help="Transformer Engine's delayed scaling only")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1, help="Transformer Engine's delayed scaling only")
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"],
+                   help="Transformer Engine's delayed scaling only")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -255,7 +262,9 @@ def config_from_args(a) -> RunConfig:
         if a.bf16 and (reason := cpu_bf16_error()):
             raise ConfigError(reason)
     if a.fp8_format:
-        check_fp8(a.fp8_format, a.bf16 or a.fp16, a.transformer_impl, a.recompute_granularity)
+        a.fp8_recipe = check_fp8(a)
+    elif a.fp8_compile:
+        raise ConfigError("--fp8-compile needs --fp8-format")
     if not a.data_path:
         raise ConfigError("--data-path is required")
     if not a.tokenizer_dir:
@@ -349,8 +358,8 @@ def config_from_args(a) -> RunConfig:
     if not a.distributed_timeout_minutes > 0:
         raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {a.distributed_timeout_minutes}")
     prec = PrecisionConfig(
-        bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_margin=a.fp8_margin,
-        fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
+        bf16=a.bf16, fp16=a.fp16, fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_compile=a.fp8_compile,
+        fp8_margin=a.fp8_margin, fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
         loss_scale=a.loss_scale, initial_loss_scale=a.initial_loss_scale, min_loss_scale=a.min_loss_scale,
         loss_scale_window=a.loss_scale_window, hysteresis=a.hysteresis,
     )
@@ -458,20 +467,36 @@ def check_writable(flag: str, path: str, is_dir: bool) -> None:
         raise ConfigError(f"{flag} {path}: the file is not writable")
 
 
-def check_fp8(fp8_format, half: bool, transformer_impl: str, recompute_granularity):
-    """FP8 needs Transformer Engine on an FP8-capable GPU, a 16-bit model and the TE layer spec."""
-    from megatron_effmlm.model.backends import fp8_status
+def check_fp8(a) -> str:
+    """FP8 needs a provider for the layer spec (Transformer Engine on an FP8-capable GPU, or
+    torchao where torch._scaled_mm runs float8) and a 16-bit model. Returns the recipe."""
+    from megatron_effmlm.model.backends import default_fp8_recipe, fp8_provider_for, fp8_recipe_error, fp8_status
 
-    ok, why = fp8_status()
+    fmt = a.fp8_format
+    provider = fp8_provider_for(a.transformer_impl)
+    recipe = a.fp8_recipe or default_fp8_recipe(provider)
+    err = fp8_recipe_error(provider, fmt, recipe)
+    if err:
+        raise ConfigError(err)
+    ok, why = fp8_status(a.transformer_impl, fmt, recipe)
     if not ok:
-        raise ConfigError(f"--fp8-format {fp8_format} needs Transformer Engine on an FP8-capable GPU: {why}")
-    if not half:
-        raise ConfigError(f"--fp8-format {fp8_format} needs --bf16 or --fp16 (FP8 covers the GEMMs only)")
-    if transformer_impl == "local":
-        raise ConfigError(f"--fp8-format {fp8_format} needs --transformer-impl transformer_engine (or auto)")
-    if recompute_granularity == "full":
-        raise ConfigError(f"--fp8-format {fp8_format} with --recompute-granularity full is not supported; "
-                          "use selective")
+        raise ConfigError(f"--fp8-format {fmt} needs Transformer Engine on an FP8-capable GPU or torchao with "
+                          f"float8 GEMMs: {why}")
+    if not (a.bf16 or a.fp16):
+        raise ConfigError(f"--fp8-format {fmt} needs --bf16 or --fp16 (FP8 covers the GEMMs only)")
+    if provider == "torchao":
+        for flag, value, default in (("--fp8-margin", a.fp8_margin, 0), ("--fp8-amax-history-len", a.fp8_amax_history_len, 1),
+                                     ("--fp8-amax-compute-algo", a.fp8_amax_compute_algo, "most_recent")):
+            if value != default:
+                raise ConfigError(f"{flag} is for Transformer Engine's delayed scaling; torchao (FP8 here: {why}) "
+                                  "scales each tensor from its own current amax")
+    elif a.fp8_compile:
+        raise ConfigError("--fp8-compile is for torchao's FP8 (--transformer-impl local); Transformer Engine's FP8 "
+                          "kernels are fused already")
+    elif a.recompute_granularity == "full":
+        raise ConfigError(f"--fp8-format {fmt} with --recompute-granularity full is not supported with Transformer "
+                          "Engine; use selective")
+    return recipe
 
 
 def check_layout(cfg: RunConfig, world_size: int) -> int:

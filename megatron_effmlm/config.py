@@ -118,9 +118,13 @@ class ParallelConfig:
 class PrecisionConfig:
     bf16: bool = False
     fp16: bool = False
-    # FP8 through Transformer Engine (on top of bf16/fp16), Megatron-LM's flag names.
+    # FP8 GEMMs (on top of bf16/fp16), Megatron-LM's flag names: through Transformer Engine with
+    # its layer spec, through torchao with the local spec (model/fp8_torchao.py).
     fp8_format: Optional[str] = None  # "hybrid" (e4m3 forward, e5m2 backward) | "e4m3"
-    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "blockwise" | "mxfp8"
+    # TE: "delayed" | "tensorwise" | "blockwise" | "mxfp8"; torchao: "tensorwise" | "rowwise";
+    # None: the provider's default (TE delayed, torchao tensorwise)
+    fp8_recipe: Optional[str] = None
+    fp8_compile: bool = False  # torchao only: torch.compile its float8 casts and GEMMs
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
@@ -161,12 +165,14 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         from megatron.core.transformer.enums import AttnBackend
 
         te_attention = dict(attention_backend=AttnBackend[model.attention_backend])
-    fp8 = {}
-    if prec.fp8_format:
-        fp8 = dict(fp8=prec.fp8_format, fp8_recipe=prec.fp8_recipe, fp8_margin=prec.fp8_margin,
+    fp8, torchao_fp8 = {}, None
+    if prec.fp8_format and kernels.transformer_impl == "transformer_engine":
+        fp8 = dict(fp8=prec.fp8_format, fp8_recipe=prec.fp8_recipe or "delayed", fp8_margin=prec.fp8_margin,
                    fp8_amax_history_len=prec.fp8_amax_history_len,
                    fp8_amax_compute_algo=prec.fp8_amax_compute_algo)
-    return TransformerConfig(
+    elif prec.fp8_format:  # local spec: torchao in the parallel linears, applied by the model builder
+        torchao_fp8 = (prec.fp8_format, prec.fp8_recipe or "tensorwise", prec.fp8_compile)
+    tc = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -190,7 +196,8 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         pipeline_dtype=prec.params_dtype,
         use_cpu_initialization=not on_gpu,
         # Fused kernels where this machine has them (model/backends.py logs the choice).
-        gradient_accumulation_fusion=kernels.grad_accum_fusion,
+        # (not with torchao's FP8: its weight gradient goes to .grad, not into Apex's fused accumulation)
+        gradient_accumulation_fusion=kernels.grad_accum_fusion and torchao_fp8 is None,
         bias_activation_fusion=kernels.jit_fusions and model.bias_gelu_fusion,
         bias_dropout_fusion=kernels.jit_fusions and model.bias_dropout_fusion,
         masked_softmax_fusion=False,  # the attention is fused as a whole instead (TE or SDPA)
@@ -210,6 +217,11 @@ def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: Prec
         moe_token_dispatcher_type="alltoall",  # "allgather" refuses variable_seq_lengths
         pipeline_model_parallel_layout=_layout(stage_layers),
     )
+    if torchao_fp8:  # megatron-core's fp8 fields mean Transformer Engine: torchao's settings ride beside them
+        from megatron_effmlm.model.fp8_torchao import CONFIG_ATTR
+
+        setattr(tc, CONFIG_ATTR, torchao_fp8)
+    return tc
 
 
 def _layout(stage_layers):

@@ -34,6 +34,67 @@ def test_gpu_benchmark_quick_mode_runs_on_cpu(repo_root, tmp_path, demo_tokenize
     assert (tmp_path / "gpu_throughput_quick.png").stat().st_size > 0
 
 
+def test_profile_step_quick_mode(repo_root, tmp_path, demo_tokenizer_dir, test_cache_dir):
+    """Every method profiled: each category's time is non-negative, together no more than the
+    step (the rest is time outside ops), the head + loss range is found in our models (forward
+    and its backward nodes) and absent from megatron-core's BertModel; the table is written."""
+    _run(repo_root, ["bench/profile_step.py", "--quick", "--results-dir", str(tmp_path), "--tag", "quick",
+                     *_cached(test_cache_dir)])
+    res = json.load(open(tmp_path / "profile_step_quick.json"))
+    assert [x["method"] for x in res["rows"]] == ["vanilla", "3ml", "token-drop", "sctd", "random-ltd", "megatron-bert"]
+    assert res["categories"] == ["attention", "gemm", "head_loss", "index", "optimizer", "other"]
+    for x in res["rows"]:
+        cats = x["categories_ms"]
+        assert list(cats) == res["categories"] and all(v >= 0 for v in cats.values()), x
+        assert x["rest_name"] == "outside_ops" and x["rest_ms"] >= 0
+        assert sum(cats.values()) <= x["step_ms"] and sum(cats.values()) + x["rest_ms"] == pytest.approx(x["step_ms"])
+        assert cats["gemm"] > 0 and cats["attention"] > 0 and cats["optimizer"] > 0 and cats["index"] > 0, x
+        assert (cats["head_loss"] > 0) == (x["method"] != "megatron-bert"), x
+    md = (tmp_path / "profile_step_quick.md").read_text()
+    assert "| method | step (ms) | attention | gemm | head_loss | index | optimizer | other | outside_ops |" in md
+
+
+def test_profile_attribution_follows_scopes_into_backward(repo_root):
+    """The same GEMM counts as head + loss when its forward ran in the head's range, in forward
+    and in backward (linked by the autograd node's sequence number), else as GEMM; names decide
+    the rest (aten op names on CPU, kernel names on a GPU)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(repo_root, "bench"))
+    import profile_step as ps
+
+    body, head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.profiler.profile() as prof:
+        with torch.profiler.record_function(ps.STEP_SCOPE):
+            h = torch.relu(body(x))
+            with torch.profiler.record_function(ps.HEAD_SCOPE):
+                loss = torch.nn.functional.cross_entropy(head(h), torch.tensor([1, 2, 3, 4]))
+            (loss * 2).backward()
+    events = list(prof.events())
+    spans = ps.head_backward_nodes(events, [e for e in events if e.name == ps.HEAD_SCOPE])
+    cats = {}
+    for e in events:
+        if e.name.startswith("aten::") and e.name in ("aten::addmm", "aten::mm", "aten::log_softmax", "aten::relu"):
+            cats.setdefault(e.name, []).append(ps.categorize(e, spans))
+    assert sorted(cats["aten::addmm"]) == ["gemm", "head_loss"]  # body's, head's forward
+    # backward: the head's two GEMMs, the body's weight gradient (x needs none)
+    assert sorted(cats["aten::mm"]) == ["gemm", "head_loss", "head_loss"]
+    assert cats["aten::log_softmax"] == ["head_loss"] and cats["aten::relu"] == ["other"]
+    names = {"aten::bmm": "attention", "aten::baddbmm": "attention", "aten::_softmax": "attention",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::log_softmax": None,
+             "aten::addmm": "gemm", "aten::_scaled_mm": "gemm", "aten::matmul": "gemm", "aten::index_select": "index",
+             "aten::gather": "index", "aten::scatter_add_": "index", "aten::embedding_dense_backward": "index",
+             "aten::layer_norm": None, "flash_fwd_kernel": "attention", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80":
+             "attention", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+             "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "gemm",
+             "void at::native::(anonymous namespace)::indexSelectLargeIndex<float, long, unsigned int, 2, 2, -2, true>":
+             "index", "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl": None,
+             "autograd::engine::evaluate_function: BmmBackward0": "attention",
+             "autograd::engine::evaluate_function: AddmmBackward0": "gemm"}
+    assert {n: ps.by_name(n) for n in names} == names
+
+
 def test_preprocess_benchmark_quick_mode(repo_root, tmp_path, demo_tokenizer_dir, test_cache_dir):
     """1 and 2 workers, with and without sentence splitting: identical outputs, positive rates."""
     r = _run(repo_root, ["bench/preprocess.py", "--quick", "--results-dir", str(tmp_path), "--tag", "quick",

@@ -128,6 +128,32 @@ def test_fp8_trains(demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     assert losses[-1] < losses[0] - 0.5, losses  # about 8.1 -> 7.1 in fp32 on CPU
 
 
+@pytest.mark.parametrize("method,fmt,recipe", [("vanilla", "hybrid", "tensorwise"), ("vanilla", "e4m3", "rowwise"),
+                                               ("3ml-cross", "hybrid", "tensorwise"), ("token-drop", "hybrid", "tensorwise")])
+def test_torchao_fp8_matches_bf16(mcore_single, demo_batch, demo_tokenizer, method, fmt, recipe):
+    """FP8 without Transformer Engine (model/fp8_torchao.py) on the GPU: every transformer-layer
+    GEMM is a torch._scaled_mm, and loss and gradients follow bf16 (tests/test_fp8_torchao.py's
+    bounds, which the CPU's reference kernel meets)."""
+    from megatron_effmlm.model.backends import fp8_status
+    from megatron_effmlm.model.fp8_torchao import transformer_linears
+    from test_fp8_torchao import fp8_model, step
+
+    provider, why = fp8_status("local", fmt, recipe)
+    if provider != "torchao":
+        pytest.skip(f"torchao FP8: {why}")
+    tok = demo_tokenizer
+    ref = fp8_model(tok.vocab_size, method)
+    fp8 = fp8_model(tok.vocab_size, method, fmt, recipe)
+    fp8.load_state_dict(ref.state_dict())
+    l1, g1, c1 = step(ref, method, tok, demo_batch, "cuda")
+    l2, g2, c2 = step(fp8, method, tok, demo_batch, "cuda")
+    assert (c1, c2) == (0, 3 * len(list(transformer_linears(fp8))))
+    assert abs(l2 - l1) <= 2e-3 * abs(l1), (l1, l2)
+    for k in g1:
+        cos = torch.nn.functional.cosine_similarity(g1[k].flatten(), g2[k].flatten(), dim=0).item()
+        assert cos >= 0.97, (k, cos)
+
+
 def test_fused_adamw_fallback_same_training(mcore_single, demo_batch, demo_tokenizer):
     """Without TE/Apex, megatron-core's torch AdamW is switched to torch's fused kernel: given
     the same gradients, three bf16 optimizer steps give the same fp32 main weights as torch's

@@ -23,6 +23,8 @@ CASES = [  # script, a flag, the default its help line must show
     ("bench/pipeline_balance.py", "--hidden-size", "768"),
     ("bench/preprocess.py", "--tokenizer-vocab", "8192"),
     ("bench/profile_step.py", "--steps", "3"),
+    ("bench/profile_step.py", "--methods", "vanilla,3ml,token-drop,sctd,random-ltd,megatron-bert"),
+    ("pretrain_effmlm.py", "--fp8-margin", "0"),
     ("bench/step_time.py", "--mode", "all"),
     ("bench/step_time.py", "--precisions", "fp32"),
     ("bench/method_quality.py", "--config", "cpu"),

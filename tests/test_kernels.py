@@ -37,7 +37,6 @@ def test_impossible_kernel_requests_name_the_flag(impl, attn, message):
 
 @pytest.mark.parametrize("flags,message", [
     (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine: no CUDA device"),
-    (["--fp8-format", "hybrid"], "--fp8-format hybrid needs Transformer Engine on an FP8-capable GPU: no CUDA device"),
     (["--fp16"], "--fp16 needs a CUDA device; on the CPU use --bf16 (or fp32)"),
 ])
 def test_cli_refuses_gpu_only_flags_on_cpu(flags, message):

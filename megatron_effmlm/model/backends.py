@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import importlib
 import logging
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -40,7 +40,7 @@ def te_status() -> Tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_status() -> Tuple[bool, str]:
+def te_fp8_status() -> Tuple[bool, str]:
     ok, why = te_status()
     if not ok:
         return False, why
@@ -48,6 +48,57 @@ def fp8_status() -> Tuple[bool, str]:
 
     supported, reason = check_fp8_support()
     return bool(supported), reason or "FP8 GEMMs supported by this GPU"
+
+
+TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def default_fp8_recipe(provider: str) -> str:
+    """--fp8-recipe when not given: TE's delayed scaling (Megatron-LM's default), torchao's tensorwise."""
+    return "delayed" if provider == "transformer_engine" else "tensorwise"
+
+
+def fp8_provider_for(transformer_impl: str = "auto") -> str:
+    """Who would run FP8 with this --transformer-impl: the provider follows the layer spec.
+    Transformer Engine's spec (first choice where TE is installed and a GPU is there) runs TE's
+    FP8; the local spec runs torchao's float8 matmul in megatron-core's parallel linears
+    (model/fp8_torchao.py)."""
+    if transformer_impl == "transformer_engine" or (transformer_impl == "auto" and te_status()[0]):
+        return "transformer_engine"
+    return "torchao"
+
+
+def fp8_recipe_error(provider: str, fp8_format: str, recipe: str) -> Optional[str]:
+    if provider == "transformer_engine":
+        if recipe not in TE_FP8_RECIPES:
+            return (f"--fp8-recipe {recipe} is torchao's (with --transformer-impl local); Transformer Engine takes "
+                    f"{', '.join(TE_FP8_RECIPES)}")
+        return None
+    from megatron_effmlm.model.fp8_torchao import recipe_error
+
+    return recipe_error(fp8_format, recipe)
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_status(transformer_impl: str = "auto", fp8_format: str = "hybrid",
+               recipe: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """(provider, reason): "transformer_engine" or "torchao" with what it runs on, or (None, why
+    FP8 cannot run with this layer spec and recipe (default: the provider's)). The first value
+    is truthy exactly when FP8 can run."""
+    provider = fp8_provider_for(transformer_impl)
+    recipe = recipe or default_fp8_recipe(provider)
+    err = fp8_recipe_error(provider, fp8_format, recipe)
+    if err:
+        return None, err
+    if provider == "transformer_engine":
+        ok, why = te_fp8_status()
+        return ("transformer_engine", f"Transformer Engine ({why})") if ok else (None, f"Transformer Engine: {why}")
+    from megatron_effmlm.model import fp8_torchao
+
+    ok, why = fp8_torchao.status(fp8_format, recipe)
+    if ok:
+        return "torchao", why
+    return None, why if transformer_impl == "local" else f"Transformer Engine: {te_status()[1]}; torchao: {why}"
 
 
 @functools.lru_cache(maxsize=None)

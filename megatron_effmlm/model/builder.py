@@ -54,9 +54,13 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
     if ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
         logger.info("kernels: %s", backends.summary())
     from megatron_effmlm.model.dropout import replace_dropout_modules, use_dropout15
+    from megatron_effmlm.model import fp8_torchao
 
+    fp8_linears = 0
     for c in chunks:
         use_out_of_place_attention_mask(c)
+        # --fp8-format with the local spec: torchao's float8 GEMMs in the layers' linears
+        fp8_linears += fp8_torchao.apply_config_fp8(c, transformer_config)
         if use_dropout15():  # CPU: attention and embedding dropout with integer masks (model/dropout.py)
             replace_dropout_modules(c)
         # Modules built outside megatron-core's layers (torch LayerNorm, the LM head's dense,
@@ -70,6 +74,8 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
             # megatron-core's optimizer and grad-norm code read this attribute
             if not hasattr(p, "tensor_model_parallel"):
                 p.tensor_model_parallel = False
+    if fp8_linears and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        logger.info("fp8: %s", fp8_torchao.describe(transformer_config, fp8_linears))
     tie_injection_params(chunks)
     if not wrap_ddp:
         return chunks

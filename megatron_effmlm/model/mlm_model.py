@@ -32,6 +32,9 @@ from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_
 from megatron_effmlm.model.flops import cross_attention_flops, head_flops, layer_flops
 
 
+HEAD_LOSS_SCOPE = "effmlm/head_loss"
+
+
 @dataclasses.dataclass
 class MLMOutput:
     """What the last stage hands to the loss function."""
@@ -261,7 +264,8 @@ class MLMModel(LanguageModule):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False
             )
-        out = self.mlm_head(hidden, runner, loss_mask, labels, is_random)
+        with torch.profiler.record_function(HEAD_LOSS_SCOPE):  # names the head in profiles (bench/profile_step.py)
+            out = self.mlm_head(hidden, runner, loss_mask, labels, is_random)
         out.captured = runner.captured
         self.forward_flops += head_flops(out.lm_losses.numel(), self.config.hidden_size, self.vocab_size)
         return out
