@@ -84,7 +84,7 @@ class PlanStep:
 
     live: Optional[LiveSet] = None  # the new live set; None keeps the current one
     snapshot: bool = False  # stash := full state, before the live set changes
-    inject: bool = False  # 3ML: the injection point (non-live positions read the mask vectors from the stash)
+    inject: bool = False  # 3ML: the injection point (non-live positions read the mask vectors, not the stash)
 
 
 @dataclass
@@ -104,21 +104,21 @@ class TokenPlan:
         return live
 
     def stash_rows_needed(self, layer_idx: int, real: Tensor) -> Optional[LiveSet]:
-        """Positions whose stashed state a step at or after `layer_idx` will read, given the
-        live set before it; None when no later step reads the stash."""
-        live = _mask_of(self.live_before(layer_idx), real)
-        needed = torch.zeros_like(real)
-        for l in sorted(k for k in self.steps if k >= layer_idx):
-            step = self.steps[l]
+        """Positions of the stash, as it is before layer `layer_idx`, that a later step will
+        read (directly, or through a snapshot that copies them into the next stash); None when
+        there are none. Walked backwards: a live change reads its new, not-yet-live positions
+        from the stash (the injection step reads mask vectors instead: they are built on its
+        own stage); a snapshot takes the live positions from the hidden states, so only the
+        others must come from the stash before it."""
+        later = sorted(k for k in self.steps if k >= layer_idx)
+        reads = torch.zeros_like(real)  # read from the stash as it is after the step being walked
+        for l in reversed(later):
+            step, before = self.steps[l], _mask_of(self.live_before(l), real)
+            if step.live is not None and not step.inject:
+                reads = reads | (_mask_of(step.live, real) & ~before)
             if step.snapshot:
-                needed |= real & ~live  # copied into the new stash
-                break
-            if step.live is not None:
-                new = _mask_of(step.live, real)
-                if not step.inject:  # injected vectors are built on the injection stage itself
-                    needed |= new & ~live
-                live = new
-        return LiveSet.from_mask(needed) if bool(needed.any()) else None
+                reads = reads & ~before
+        return LiveSet.from_mask(reads) if bool(reads.any()) else None
 
     def inject_layer(self) -> Optional[int]:
         return next((l for l in sorted(self.steps) if self.steps[l].inject), None)
@@ -181,8 +181,9 @@ class PlanRunner:
         self.plan = plan
         self.real = real.bool()  # [b, T] padding mask
         self.live = plan.input_live
-        # The model sets 3ML's mask vectors as the initial stash: the injection step reads them.
         self.stash: Optional[Tensor] = None  # [T+1, b, H]
+        # 3ML's mask vectors, set by the stage holding the injection step, which reads them
+        self.injected: Optional[Tensor] = None  # [T+1, b, H]
         self.rotary_full = rotary  # [T+1, 1, 1, d] or None
         self.captured: Dict[int, Tensor] = {}
         self.context: Optional[Tensor] = None  # 3ML-cross: the encoder output, [n_enc, b, H]
@@ -239,7 +240,7 @@ class PlanRunner:
         if step is None:
             return h
         T = self.plan.seq_len
-        base = self.stash
+        base = self.injected if step.inject else self.stash
         if step.inject and self.plan.decoder_context:
             self.context, self.context_valid = h, self.live.valid  # sharded, as cross-attention wants
             self.context_mask = (~self.live.valid)[:, None, None, :]

@@ -245,7 +245,7 @@ class MLMModel(LanguageModule):
         if self.decoder is not None:  # 3ML, on the injection stage: e_mask + P[pos] at every position
             table = self.embedding.position_embeddings if self.pre_process else self.injection_position_embeddings
             inj = (table(position_ids) + self.mask_embedding).transpose(0, 1)  # [T, b, h]
-            runner.stash = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)  # + the bin row
+            runner.injected = torch.cat([inj, inj.new_zeros(1, b, inj.shape[-1])], 0)  # + the bin row
 
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else contextlib.nullcontext()
         with rng, self._fp8_context(whole_stage=True):
