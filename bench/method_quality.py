@@ -28,9 +28,14 @@ several sittings; a half-finished run resumes from its last finished stage (a pr
 run from its checkpoint).
 
 Output: <results-dir>/method_quality_<config>.{json,md,png}: held-out loss and mean
-downstream accuracy against training FLOPs and against wall-clock (one curve per method,
-error bars over fine-tuning seeds), and the compute each method needs to reach vanilla's
-quality at B, interpolated (in log compute) between budgets, by the FLOP model and by time.
+downstream accuracy against training FLOPs and against time (one curve per method, error bars
+over fine-tuning seeds), and the compute each method needs to reach vanilla's quality at B,
+interpolated (in log compute) between budgets, by the FLOP model and by time. Time is each
+run's iterations x its method's step time, measured side by side at the study's configuration
+once every run is done (a run's own wall-clock depends on whatever else the machine ran during
+its sitting; it is kept too). Each finished run's result is also kept in
+<results-dir>/method_quality_<config>_runs/ (commit it: a later sitting on another machine
+skips that run), and is reused only if the plan (its command line) is the same.
 
 --quick: a tiny model, a few steps, one seed and one task, everything in this process (for
 the test suite; it still runs every method at two budgets).
