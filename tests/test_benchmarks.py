@@ -118,7 +118,10 @@ def test_step_time_quick_mode_both_precisions(repo_root, tmp_path, demo_tokenize
     res = json.load(open(tmp_path / "step_time_quick.json"))
     assert res["precisions"] == precs and set(res["peak_flops"]) == set(precs)
     rows = {(x["method"], x["precision"]): x for x in res["methods"]}
-    methods = ["vanilla", "3ml", "token-drop", "sctd", "sctd-consistency", "random-ltd", "megatron-bert"]
+    from megatron_effmlm.plans import POLICIES
+
+    methods = sorted(POLICIES) + ["sctd-consistency", "megatron-bert"]  # every registered method
+    assert {"vanilla", "3ml", "token-drop", "sctd", "random-ltd", "3ml-td"} <= set(POLICIES)
     assert set(rows) == {(m, p) for m in methods for p in precs}
     for (m, p), x in rows.items():
         assert x["median_s"] > 0 and x["last_loss"] == x["last_loss"]
