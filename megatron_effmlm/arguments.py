@@ -425,12 +425,17 @@ def check_values(a) -> None:
     if policy_cls is not None:
         for f in flags.values():
             if getattr(a, f.dest, None) is not None and f not in policy_cls.flags:
-                users = sorted(n for n, c in POLICIES.items() if f in c.flags)
-                raise ConfigError(f"{f.name} is for --method {' or '.join(users)}, not --method {a.method}")
+                raise ConfigError(f"{f.name} is for --method {methods_with(f)}, not --method {a.method}")
         why = policy_cls.check_options(policy_cls.options(vars(a)), a.seq_length)
         if why:
             raise ConfigError(why)
     check_outputs(a)
+
+
+def methods_with(flag) -> str:
+    """The methods that have a flag, as a phrase: "3ml", "3ml or 3ml-td", "3ml-td, sctd or token-drop"."""
+    users = sorted(n for n, c in POLICIES.items() if flag in c.flags)
+    return " or ".join([", ".join(users[:-1]), users[-1]] if len(users) > 1 else users)
 
 
 def check_outputs(a) -> None:

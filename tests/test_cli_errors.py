@@ -279,9 +279,9 @@ def _config_error(argv, world_size=1):
      "--ltd-start 65 must be in [1, --seq-length 64]"),
     (["--method", "random-ltd", "--ltd-start", "0"], "--ltd-start 0 must be in [1, --seq-length 128]"),
     (["--train-flops-budget=-1e12"], "--train-flops-budget must be > 0, got -1000000000000.0"),
-    (["--decoder-layers", "2"], "--decoder-layers is for --method 3ml, not --method vanilla"),
-    (["--method", "sctd", "--3ml-decoder", "cross"], "--3ml-decoder is for --method 3ml, not --method sctd"),
-    (["--method", "3ml", "--td-keep-ratio", "0.5"], "--td-keep-ratio is for --method sctd or token-drop, "
+    (["--decoder-layers", "2"], "--decoder-layers is for --method 3ml or 3ml-td, not --method vanilla"),
+    (["--method", "sctd", "--3ml-decoder", "cross"], "--3ml-decoder is for --method 3ml or 3ml-td, not --method sctd"),
+    (["--method", "3ml", "--td-keep-ratio", "0.5"], "--td-keep-ratio is for --method 3ml-td, sctd or token-drop, "
                                                     "not --method 3ml"),
     (["--method", "3ml", "--decoder-layers", "0"], "--decoder-layers must be >= 1 for --method 3ml, got 0"),
     (["--method", "3ml", "--decoder-layers", "-2"], "--decoder-layers must be >= 1 for --method 3ml, got -2"),
@@ -357,7 +357,7 @@ def test_one_line_from_the_command_line(errors):
     """The parse-time checks reach the user as one `error:` line and exit code 2."""
     assert _err(errors, "lr_nan") == "error: --lr must be a finite number, got nan"
     assert _err(errors, "decoder_without_3ml") == (
-        "error: --decoder-layers is for --method 3ml, not --method token-drop")
+        "error: --decoder-layers is for --method 3ml or 3ml-td, not --method token-drop")
 
 
 def test_index_of_another_dataset(errors):
