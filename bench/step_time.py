@@ -769,9 +769,9 @@ def main(argv=None):
     a.ltd_len = ltd_length(0, a.seq_length, a.ltd_start, 1000, 16)
     a.tag = a.tag or device_tag() + ("" if a.precisions == ["fp32"] else "_" + "-".join(a.precisions))
     real = float(torch.stack([b["padding_mask"].float().mean() for b in batches[(0.15, True)]]).mean())
-    masked = {f"{k[0]:g}{'' if k[1] else ' all [MASK]'}": float(
-        sum(int(b["loss_mask"].sum()) for b in v) / sum(int(b["padding_mask"].sum()) for b in v))
-        for k, v in batches.items() if isinstance(k, tuple)}
+    # per method: the predicted fraction of the real tokens in its batches (its masking)
+    masked = {m: float(sum(int(b["loss_mask"].sum()) for b in batches[masking_of(m)])
+                       / sum(int(b["padding_mask"].sum()) for b in batches[masking_of(m)])) for m in a.methods}
     log(f"device: {device_name()}")
     log(f"config: L={a.num_layers} d={a.hidden_size} heads={a.num_attention_heads} T={a.seq_length} "
         f"b={a.micro_batch_size} vocab={a.model_vocab_padded} (tokenizer {tok.vocab_size}) | "
