@@ -16,7 +16,8 @@ Preparation (once; everything under the git-ignored data/):
         --tokenizer-dir data/corpus/tokenizer --heldout data/corpus/valid.jsonl \\
         --task-dirs data/rotten_tomatoes data/tasks/register data/tasks/era
 
-Runs: every method of METHODS at every budget (--budgets, fractions of B = the FLOP model's cost
+Runs: every method of METHODS at every budget, then the config's SWEEP rows (other settings of
+the methods, and 3ml-td) at B only (--budgets, fractions of B = the FLOP model's cost
 of --vanilla-iters-at-B vanilla iterations), plus a no-pre-training floor (the same
 architecture, randomly initialised). Each run pre-trains to its budget (pretrain_effmlm.py,
 --train-flops-budget: the LR schedule decays over the budget), evaluates the held-out MLM
@@ -70,6 +71,15 @@ METHODS = {
     "sctd": ["--method", "sctd"],
     "random-ltd": ["--method", "random-ltd"],
 }
+# Other settings of the methods at this scale, at B only (the papers' defaults are the rows
+# above), and this project's 3ml-td; a config lists the ones it runs ("sweep").
+SWEEP = {
+    "3ml-self-mask30": ["--method", "3ml", "--3ml-decoder", "self", "--mask-prob", "0.3"],
+    "3ml-self-dec1": ["--method", "3ml", "--3ml-decoder", "self", "--decoder-layers", "1"],
+    "token-drop-keep70": ["--method", "token-drop", "--td-keep-ratio", "0.7"],
+    "3ml-td": ["--method", "3ml-td"],
+}
+ALL_METHODS = {**METHODS, **SWEEP}
 BASELINE = "vanilla-15"
 FLOOR = "no-pretraining"
 
@@ -78,7 +88,7 @@ CONFIGS = {
     "cpu": dict(model=["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
                        "--seq-length", "128"],
                 micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
-                vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None,
+                vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None, sweep=list(SWEEP),
                 finetune=dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=2000),
                 eval_sequences=512, nproc=2, in_process=False, timing_iters=(10, 40), timing_rounds=2),
     # The demo's step 5: its model and data, every method at one budget, the held-out evaluation
@@ -86,13 +96,13 @@ CONFIGS = {
     "demo": dict(model=["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
                         "--seq-length", "128"],
                  micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
-                 vanilla_iters_at_b=30, budgets=[1.0], seeds=[1], max_tasks=0, finetune=None,
+                 vanilla_iters_at_b=30, budgets=[1.0], seeds=[1], max_tasks=0, finetune=None, sweep=[],
                  eval_sequences=128, nproc=1, in_process=True, timing_iters=(10, 40), timing_rounds=0),
     "quick": dict(model=["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
                          "--seq-length", "64", "--no-bias-gelu-fusion", "--hidden-dropout", "0",
                          "--attention-dropout", "0"],
                   micro_batch_size=4, global_batch_size=8, lr=1e-3, min_lr=1e-5, warmup_fraction=0.2,
-                  vanilla_iters_at_b=4, budgets=[0.5, 1.0], seeds=[1], max_tasks=1,
+                  vanilla_iters_at_b=4, budgets=[0.5, 1.0], seeds=[1], max_tasks=1, sweep=[],
                   finetune=dict(epochs=1, lr=1e-4, batch_size=16, max_length=64, max_train_examples=48),
                   eval_sequences=16, nproc=1, in_process=True, timing_iters=(2, 4), timing_rounds=1),
 }
@@ -108,7 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--task-dirs", nargs="*", default=[],
                    help="GLUE SST-2-format task folders (none: no export, no fine-tuning)")
     p.add_argument("--unigram-data", default=None, help="data prefix for the unigram baseline (default --data-path)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=list(ALL_METHODS),
+                   help="default: every method of METHODS and the config's sweep (its rows at B only)")
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="fractions of B (default: the config's)")
     p.add_argument("--vanilla-iters-at-b", type=int, default=None, help="B = this many vanilla iterations (FLOP model)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: the config's)")
@@ -131,6 +142,7 @@ def parse_args(argv=None):
     a.budgets = a.budgets or c["budgets"]
     a.seeds = a.seeds or c["seeds"]
     a.vanilla_iters_at_b = a.vanilla_iters_at_b or c["vanilla_iters_at_b"]
+    a.methods = a.methods or list(METHODS) + c["sweep"]
     a.nproc = a.nproc or c["nproc"]
     a.in_process = c["in_process"] if a.in_process is None else a.in_process
     a.unigram_data = a.unigram_data or a.data_path
@@ -208,9 +220,10 @@ def plan_runs(a, c, vocab: int):
     runs = [(FLOOR, FLOOR, 0.0, base + a.pretrain_args + ["--train-iters", "1", "--lr", "0", "--min-lr", "0"], 0.0)]
     seq = int(c["model"][c["model"].index("--seq-length") + 1])
     order = [(BASELINE, f) for f in sorted(a.budgets)] + \
-        [(m, f) for f in sorted(a.budgets) for m in a.methods if m != BASELINE]
+        [(m, f) for f in sorted(a.budgets) for m in a.methods if m != BASELINE and m in METHODS] + \
+        [(m, 1.0) for m in a.methods if m in SWEEP]
     for m, frac in order:
-        flags = list(METHODS[m])
+        flags = list(ALL_METHODS[m])
         per_iter = iteration_flops(base + flags + a.pretrain_args, vocab)
         est = math.ceil(frac * b_flops / per_iter)
         if m == "random-ltd":  # grow from half the length over 70% of the run (DeepSpeed's shape)
