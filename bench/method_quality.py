@@ -338,8 +338,24 @@ def task_name(d):
     return os.path.basename(os.path.normpath(d))
 
 
+def recipe(a, c) -> dict:
+    """The fine-tuning recipe (one for every model): a finished run fine-tuned otherwise is
+    fine-tuned again (its pre-training, evaluation and export are kept)."""
+    return dict(c["finetune"], seeds=list(a.seeds))
+
+
+def _recipe_tag(r: dict) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(r, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# the recipe of the runs finished before results recorded theirs
+FIRST_RECIPE = dict(epochs=3, lr=5e-5, batch_size=32, max_length=128, max_train_examples=2000, seeds=[1, 2, 3])
+
+
 def stage_finetune(a, c, run_dir, hf, task_dir):
-    out = os.path.join(run_dir, f"finetune_{task_name(task_dir)}.json")
+    out = os.path.join(run_dir, f"finetune_{task_name(task_dir)}_{_recipe_tag(recipe(a, c))}.json")
     if os.path.isfile(out):
         return _load(out)
     ft = c["finetune"]
@@ -462,7 +478,8 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
               "gap_to_unigram": ev.get("gap_to_unigram"), "heldout_per_source": ev.get("per_source"),
               "mask_sha1": ev["mask_sha1"], "tasks": tasks, "seeds": list(a.seeds),
               "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()) if tasks else None,
-              "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "seconds": round(time.time() - t0, 2),
+              "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "finetune_recipe": recipe(a, c),
+              "seconds": round(time.time() - t0, 2),
               "stage_seconds": clock}
     _atomic_json(os.path.join(run_dir, "result.json"), result)
     return result
@@ -652,14 +669,21 @@ def main(argv=None):
     os.makedirs(kept_dir, exist_ok=True)
 
     def finished(name):
+        """The result of a run done with this plan and this fine-tuning recipe, else None."""
         for path in (os.path.join(a.runs_dir, name, "result.json"), os.path.join(kept_dir, f"{name}.json")):
             if os.path.isfile(path):
-                return path
+                done = _load(path).get("finetune_recipe", FIRST_RECIPE if c is CONFIGS["cpu"] else None)
+                return path if done is None or done == recipe(a, c) or not a.task_dirs else None
         return None
 
     for name, _, _, argv_, _ in runs:  # before any compute
-        if finished(name):
-            check_same_plan(finished(name), argv_)
+        for path in (os.path.join(a.runs_dir, name, "result.json"), os.path.join(kept_dir, f"{name}.json")):
+            if os.path.isfile(path):
+                check_same_plan(path, argv_)
+                if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
+                    fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
+                         "to fine-tune again (pre-train it again: move that result away)")
+                break
     todo = [r for r in runs if not finished(r[0])]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
         path = finished(name)
