@@ -340,7 +340,9 @@ def task_name(d):
 
 def recipe(a, c) -> dict:
     """The fine-tuning recipe (one for every model): a finished run fine-tuned otherwise is
-    fine-tuned again (its pre-training, evaluation and export are kept)."""
+    fine-tuned again (its pre-training, evaluation and export are kept). None: no fine-tuning."""
+    if not c["finetune"] or not a.task_dirs:
+        return None
     return dict(c["finetune"], seeds=list(a.seeds))
 
 
