@@ -203,3 +203,22 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
     assert f"error: {runs}/vanilla-15@0.5B/result.json was run with other flags than this plan's" in r.stderr
+
+
+def test_method_quality_demo_config(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, demo_jsonl):
+    """The demo's step 5: --config demo, no tasks (no export, no fine-tuning), one budget (no
+    compute table), the held-out evaluation of every model on the same masks."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(open(demo_jsonl, encoding="utf-8").readlines()[-2:]), encoding="utf-8")
+    _run(repo_root, ["bench/method_quality.py", "--config", "demo", "--vanilla-iters-at-b", "2", "--precision", "fp32",
+                     "--data-path", demo_data_prefix, "--tokenizer-dir", demo_tokenizer_dir, "--heldout", str(heldout),
+                     "--methods", "vanilla-15", "3ml-self", "--runs-dir", str(tmp_path / "runs"),
+                     "--results-dir", str(tmp_path)])
+    res = json.load(open(tmp_path / "method_quality_demo.json"))
+    assert [r["run"] for r in res["runs"]] == ["no-pretraining", "vanilla-15@1B", "3ml-self@1B"]
+    assert res["tasks"] == [] and res["compute_to_reach_vanilla_at_b"] == []
+    assert len({r["mask_sha1"] for r in res["runs"]}) == 1
+    for r in res["runs"]:
+        assert r["mean_accuracy"] is None and r["finetune_recipe"] is None and 0 < r["heldout_loss"] < 20
+        assert not os.path.exists(tmp_path / "runs" / r["run"] / "hf")  # nothing exported
+    assert "One budget: no compute-to-reach table" in (tmp_path / "method_quality_demo.md").read_text()
