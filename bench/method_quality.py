@@ -565,7 +565,7 @@ def write_outputs(a, c, results, b_flops, times=None):
           f"B = {b_flops:.3e} training FLOPs (FLOP model) = {a.vanilla_iters_at_b} vanilla iterations; budgets "
           f"{', '.join(f'{b:g} B' for b in sorted(a.budgets))}; "
           + (f"fine-tuning seeds {a.seeds}; tasks {', '.join(tasks)}. " if tasks else "no fine-tuning. ")
-          + f"Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
+          + "Held-out loss: mean cross-entropy on the same 15% [MASK] positions for every model "
           + (f"(unigram baseline {res['unigram_loss']:.3f})." if res["unigram_loss"] is not None else "."), "",
           "Time: iterations x each method's step time measured side by side at this configuration "
           + (f"({', '.join(f'{m} {v * 1e3:.0f} ms' for m, v in per_iter.items())}); `run s` is the run's own "
@@ -670,22 +670,28 @@ def main(argv=None):
     kept_dir = os.path.join(a.results_dir, f"method_quality_{a.config}_runs")
     os.makedirs(kept_dir, exist_ok=True)
 
-    def finished(name):
-        """The result of a run done with this plan and this fine-tuning recipe, else None."""
+    def result_path(name):
+        """This machine's result of a run, else the kept copy, else None."""
         for path in (os.path.join(a.runs_dir, name, "result.json"), os.path.join(kept_dir, f"{name}.json")):
             if os.path.isfile(path):
-                done = _load(path).get("finetune_recipe", FIRST_RECIPE if c is CONFIGS["cpu"] else None)
-                return path if done is None or done == recipe(a, c) or not a.task_dirs else None
+                return path
         return None
 
+    def finished(name):
+        """The result of a run done with this plan and this fine-tuning recipe, else None."""
+        path = result_path(name)
+        if path is None:
+            return None
+        done = _load(path).get("finetune_recipe", FIRST_RECIPE if c is CONFIGS["cpu"] else None)
+        return path if done is None or done == recipe(a, c) or not a.task_dirs else None
+
     for name, _, _, argv_, _ in runs:  # before any compute
-        for path in (os.path.join(a.runs_dir, name, "result.json"), os.path.join(kept_dir, f"{name}.json")):
-            if os.path.isfile(path):
-                check_same_plan(path, argv_)
-                if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
-                    fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
-                         "to fine-tune again (pre-train it again: move that result away)")
-                break
+        path = result_path(name)
+        if path:
+            check_same_plan(path, argv_)
+            if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
+                fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
+                     "to fine-tune again (pre-train it again: move that result away)")
     todo = [r for r in runs if not finished(r[0])]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
         path = finished(name)
