@@ -133,12 +133,12 @@ def fp8_line(a) -> str:
 
 def build_runner(a, name, shape, precision, tok, batches):
     """One method's model, optimizer and policy (step_time.Runner), in `precision`."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.bert.bert_model import BertModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.model.builder import build_model, mark_replicated_params, ddp_wrap
     from megatron_effmlm.model.specs import get_layer_spec
     from megatron_effmlm.parallel.init import set_seed
     from megatron_effmlm.plans import get_policy
@@ -182,13 +182,8 @@ def build_runner(a, name, shape, precision, tok, batches):
             bert.cuda()
         if prec.bf16:
             bert.to(dtype=torch.bfloat16)
-        for p in bert.parameters():
-            if not hasattr(p, "tensor_model_parallel"):
-                p.tensor_model_parallel = False
-        model = DistributedDataParallel(
-            config=tconfig, module=bert,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=False, check_for_nan_in_grad=False))
+        mark_replicated_params(bert)
+        model = ddp_wrap([bert], tconfig)[0]
     else:
         model = build_model(mcfg, ParallelConfig(), tconfig)[0]
         from megatron_effmlm.model.builder import unwrap

@@ -355,14 +355,14 @@ class Runner:
 
 
 def build_runners(a, tok, batches, log):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
     from megatron.core.models.bert.bert_model import BertModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.model.builder import build_model, mark_replicated_params, ddp_wrap
     from megatron_effmlm.parallel.init import set_seed
     from megatron_effmlm.plans import get_policy
 
@@ -391,14 +391,8 @@ def build_runners(a, tok, batches, log):
                 bert.cuda()
             if bf16:
                 bert.to(torch.bfloat16)
-            for p in bert.parameters():
-                if not hasattr(p, "tensor_model_parallel"):
-                    p.tensor_model_parallel = False
-            ddp_config = DistributedDataParallelConfig(  # as megatron_effmlm.model.builder
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
-                check_for_nan_in_grad=False)
-            model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=bert)
-            model.broadcast_params()
+            mark_replicated_params(bert)
+            model = ddp_wrap([bert], tconfig)[0]
         else:
             model = build_model(mcfg, par, tconfig)[0]
         optimizer = get_megatron_optimizer(

@@ -139,12 +139,6 @@ class PrecisionConfig:
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
-    def live_token_multiple(self) -> int:
-        """Live-token counts are padded to this (FP8 GEMMs need multiples of 16; MXFP8 of 32)."""
-        if not self.fp8_format:
-            return 1
-        return 32 if self.fp8_recipe == "mxfp8" else 16
-
 
 def build_transformer_config(model: ModelConfig, par: ParallelConfig, prec: PrecisionConfig,
                              stage_layers: Optional[list] = None):

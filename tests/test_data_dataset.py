@@ -172,10 +172,14 @@ def test_binary_head_uses_megatron_bert_dataset(demo_data_prefix, demo_tokenizer
         [demo_data_prefix], tokenizer=tok, seq_length=T, split="98,2,0", train_samples=300, valid_samples=10, test_samples=0,
         binary_head=True, cache_dir=str(tmp_path))
     assert isinstance(train, BERTSentenceOrderDataset) and len(train) >= 300
-    flags = []
+    flags, kinds = [], numpy.zeros(3)
     for i in range(60):
         s = train[i]
         n = _check_sample(s, tok)
+        # megatron-core reads our 80/10/10 rule one position at a time; the labels hold the originals
+        at = s["loss_mask"] == 1
+        new, old = s["text"][at], s["labels"][at]
+        kinds += [(new == tok.mask).sum(), ((new != tok.mask) & (new != old)).sum(), (new == old).sum()]
         types = s["types"][:n]
         seg_b = int(numpy.argmax(types == 1))
         assert seg_b > 1 and (types[:seg_b] == 0).all() and (types[seg_b:] == 1).all() and (s["types"][n:] == 0).all()
@@ -183,6 +187,8 @@ def test_binary_head_uses_megatron_bert_dataset(demo_data_prefix, demo_tokenizer
         assert not numpy.isin(s["labels"][s["loss_mask"] == 1], [tok.cls, tok.sep, tok.pad]).any()
         flags.append(s["is_random"])
     assert set(flags) == {0, 1}
+    shares = kinds / kinds.sum()
+    assert kinds.sum() > 1000 and abs(shares[0] - 0.8) < 0.04 and abs(shares[1] - 0.1) < 0.03, shares
 
 
 def test_builds_inside_torch_distributed(demo_data_prefix, demo_tokenizer, tmp_path):

@@ -9,7 +9,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -139,26 +138,39 @@ def _two_ranks_at_iteration_3(tmp_path, args):
     return procs, logs
 
 
+def _stop_rank_1_and_wait(procs, stop, timeout):
+    """Stop rank 1 (`stop()`), then wait for rank 0: (its exit code or None, seconds waited).
+    Both are killed afterwards, whatever happened."""
+    try:
+        stop()
+        t = time.time()
+        try:
+            code = procs[0].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.time() - t
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _assert_one_lost_rank_error(text):
+    errors = [l for l in text.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "), text[-3000:]
+
+
 def test_a_rank_that_dies_ends_the_others_without_hanging(tmp_path, demo_data_prefix, demo_tokenizer_dir,
                                                           test_cache_dir):
     """Two processes as `srun` starts them (no torchrun to clean up): kill -9 one mid-run."""
     args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
         "--train-iters": 100000, "--distributed-timeout-minutes": 0.5})
     procs, logs = _two_ranks_at_iteration_3(tmp_path, args)
-    try:
-        procs[1].kill()
-        t = time.time()
-        code = procs[0].wait(timeout=60)  # --distributed-timeout-minutes 0.5 bounds a hang
-        took = time.time() - t
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    code, took = _stop_rank_1_and_wait(procs, procs[1].kill, 60)  # --distributed-timeout-minutes 0.5 bounds a hang
     text = open(tmp_path / "rank0.log").read()
     assert code == 1, text[-3000:]
-    errors = [l for l in text.splitlines() if l.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "), text[-3000:]
+    _assert_one_lost_rank_error(text)
     assert took < 45
     print(f"surviving rank exited {took:.1f} s after its peer was killed")
 
@@ -272,22 +284,10 @@ def test_a_stopped_rank_ends_the_others_after_the_distributed_timeout(tmp_path, 
     args = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
         "--train-iters": 100000, "--distributed-timeout-minutes": 0.25})
     procs, logs = _two_ranks_at_iteration_3(tmp_path, args)
-    try:
-        os.kill(procs[1].pid, signal.SIGSTOP)
-        t = time.time()
-        try:
-            code = procs[0].wait(timeout=120)  # megatron-core's groups default to 30 minutes
-        except subprocess.TimeoutExpired:
-            code = None
-        took = time.time() - t
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    # megatron-core's groups default to 30 minutes
+    code, took = _stop_rank_1_and_wait(procs, lambda: os.kill(procs[1].pid, signal.SIGSTOP), 120)
     text = open(tmp_path / "rank0.log").read()
     assert code == 1, f"the live rank still waits {took:.0f} s after its peer stopped: " + text[-2000:]
-    errors = [l for l in text.splitlines() if l.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "error: lost another rank (it died, or a collective passed --distributed-timeout-minutes): "), text[-3000:]
+    _assert_one_lost_rank_error(text)
     assert 10 < took < 60, took
     print(f"live rank exited {took:.1f} s after its peer was stopped")

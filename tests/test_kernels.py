@@ -47,12 +47,6 @@ def test_cli_refuses_gpu_only_flags_on_cpu(flags, message):
     assert str(e.value) == message
 
 
-def test_fp8_alignment_follows_the_recipe():
-    assert PrecisionConfig().live_token_multiple() == 1
-    assert PrecisionConfig(bf16=True, fp8_format="hybrid").live_token_multiple() == 16
-    assert PrecisionConfig(bf16=True, fp8_format="e4m3", fp8_recipe="mxfp8").live_token_multiple() == 32
-
-
 def _model(vocab, attention="local", decoder_layers=0, decoder_type="self"):
     from megatron_effmlm.model.builder import decoder_spec
 

@@ -177,15 +177,3 @@ def cpu_bf16_error(flags: set[str] | None = None) -> str | None:
         return None
     return (f"--bf16 without CUDA needs a processor with bf16 instructions ({' or '.join(CPU_BF16_FLAGS)} in "
             "/proc/cpuinfo's flags); this one has neither, so CPU runs train in fp32")
-
-
-def reinstall_rng_tracker():
-    """megatron-core's `initialize_rng_tracker(force_reset=True)` replaces the tracker:
-    put the CPU one back (no-op when the shims are off)."""
-    if _ACTIVE:
-        _install_rng_tracker()
-
-
-def device() -> torch.device:
-    """The device tensors of this process live on."""
-    return CPU if not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device())

@@ -122,6 +122,20 @@ class MaskingSpec:
             word_start=tokenizer.word_start_mask() if whole_word_masking else None,
         )
 
+    def replace(self, input_ids: numpy.ndarray, positions: numpy.ndarray, rng: numpy.random.RandomState) -> None:
+        """The replacement rule, in place at `positions`: [MASK] with probability replace_prob,
+        a random non-special token with random_prob, else unchanged (all [MASK] without 80/10/10)."""
+        if not self.mask_80_10_10:
+            input_ids[positions] = self.mask_id
+            return
+        u = rng.random_sample(positions.size)
+        to_mask = u < self.replace_prob
+        to_random = (~to_mask) & (u < self.replace_prob + self.random_prob)
+        input_ids[positions[to_mask]] = self.mask_id
+        input_ids[positions[to_random]] = self.random_pool[
+            rng.randint(0, self.random_pool.size, size=int(to_random.sum()))
+        ]
+
 
 MaskedTokens = namedtuple("MaskedTokens", ["input_ids", "labels", "loss_mask", "positions"])
 
@@ -172,16 +186,7 @@ def mask_tokens(tokens, rng: numpy.random.RandomState, spec: MaskingSpec) -> Mas
     else:
         positions = numpy.sort(rng.choice(candidates, size=budget, replace=False))
     input_ids = tokens.copy()
-    if spec.mask_80_10_10:
-        u = rng.random_sample(positions.size)
-        to_mask = u < spec.replace_prob
-        to_random = (~to_mask) & (u < spec.replace_prob + spec.random_prob)
-        input_ids[positions[to_mask]] = spec.mask_id
-        input_ids[positions[to_random]] = spec.random_pool[
-            rng.randint(0, spec.random_pool.size, size=int(to_random.sum()))
-        ]
-    else:
-        input_ids[positions] = spec.mask_id
+    spec.replace(input_ids, positions, rng)
     labels = numpy.full(tokens.shape, -1, dtype=numpy.int64)
     labels[positions] = tokens[positions]
     loss_mask = numpy.zeros(tokens.shape, dtype=numpy.int64)
@@ -534,18 +539,14 @@ class BERTSentenceOrderDataset(BERTMaskedWordPieceDataset):
         return open_indexed_dataset(dataset_path, mmap=config.mmap_bin_files)
 
     def _get_token_mask(self, numpy_random_state: numpy.random.RandomState) -> Optional[int]:
-        cfg = self.config
-        if not hasattr(self, "_random_pool"):
-            special = set(cfg.tokenizer.special_ids)
-            self._random_pool = numpy.array([i for i in range(cfg.tokenizer.vocab_size) if i not in special])
-        if not cfg.mask_80_10_10:
-            return cfg.tokenizer.mask
-        u = numpy_random_state.random()
-        if u < cfg.mask_replace_prob:
-            return cfg.tokenizer.mask
-        if u < cfg.mask_replace_prob + cfg.mask_random_prob:
-            return int(self._random_pool[numpy_random_state.randint(0, self._random_pool.size)])
-        return None
+        # megatron-core asks one position at a time; the rule is MaskingSpec.replace's
+        if not hasattr(self, "_spec"):
+            cfg = self.config
+            self._spec = MaskingSpec.from_tokenizer(cfg.tokenizer, cfg.masking_probability, cfg.mask_80_10_10,
+                                                    cfg.mask_replace_prob, cfg.mask_random_prob)
+        token = numpy.full(1, -1, dtype=numpy.int64)
+        self._spec.replace(token, numpy.zeros(1, dtype=numpy.int64), numpy_random_state)
+        return None if token[0] < 0 else int(token[0])
 
     def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
         # megatron-core indexes self.indices[-1] and fails on a split with no documents (a tiny

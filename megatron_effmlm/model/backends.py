@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import logging
 from typing import Dict, Optional, Tuple
 
 import torch
 
-logger = logging.getLogger(__name__)
 
 
 def _importable(name: str) -> Tuple[bool, str]:
@@ -221,7 +219,3 @@ def select_backends(transformer_impl: str = "auto", attention_backend: str = "au
     reasons["dropout"] = "torch" if torch.cuda.is_available() else \
         "15-bit integer masks (CPU: torch's bernoulli_ is slow there, model/dropout.py)"
     return Backends(transformer_impl, attention, fused_ln, grad_accum, jit, opt, reasons)
-
-
-def log_backends(b: Backends) -> None:
-    logger.info("kernels: %s", b.summary())

@@ -70,19 +70,30 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
             c.cuda(torch.cuda.current_device())
         if transformer_config.bf16 or transformer_config.fp16:
             c.to(dtype=transformer_config.params_dtype)
-        for p in c.parameters():
-            # megatron-core's optimizer and grad-norm code read this attribute
-            if not hasattr(p, "tensor_model_parallel"):
-                p.tensor_model_parallel = False
+        mark_replicated_params(c)
     if fp8_linears and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
         logger.info("fp8: %s", fp8_torchao.describe(transformer_config, fp8_linears))
     tie_injection_params(chunks)
     if not wrap_ddp:
         return chunks
+    return ddp_wrap(chunks, transformer_config, par_cfg.use_distributed_optimizer)
+
+
+def mark_replicated_params(module: torch.nn.Module) -> None:
+    """megatron-core's optimizer and grad-norm code read `tensor_model_parallel` on every
+    parameter; modules built outside its layers lack it."""
+    for p in module.parameters():
+        if not hasattr(p, "tensor_model_parallel"):
+            p.tensor_model_parallel = False
+
+
+def ddp_wrap(chunks, transformer_config, use_distributed_optimizer: bool = False) -> list:
+    """megatron-core's DDP around each chunk, as the trainer and the benchmarks use it
+    (fp32 gradient reduction, no overlap), with identical parameters on every data-parallel rank."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=par_cfg.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     wrapped = [
@@ -92,7 +103,7 @@ def build_model(model_cfg: ModelConfig, par_cfg: ParallelConfig, transformer_con
         for i, c in enumerate(chunks)
     ]
     for w in wrapped:
-        w.broadcast_params()  # identical start on every data-parallel rank
+        w.broadcast_params()
     return wrapped
 
 
