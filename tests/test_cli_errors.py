@@ -262,7 +262,8 @@ def test_resume_with_another_lr_schedule(errors):
 def _config_error(argv, world_size=1):
     """The ConfigError message the command line gets (pretrain_effmlm.main prints it as the one
     `error:` line and returns 2: test_parse_errors_end_to_end)."""
-    from megatron_effmlm.arguments import build_parser, check_layout, config_from_args
+    from megatron_effmlm.arguments import build_parser, config_from_args
+    from megatron_effmlm.config import check_layout
     from megatron_effmlm.config import ConfigError
 
     with pytest.raises(ConfigError) as e:

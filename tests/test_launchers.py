@@ -23,7 +23,8 @@ def _config_args(model, method, **env):
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_example_configs_are_valid_for_one_and_several_nodes(model):
-    from megatron_effmlm.arguments import check_layout, config_from_args, build_parser
+    from megatron_effmlm.arguments import config_from_args, build_parser
+    from megatron_effmlm.config import check_layout
 
     layers, hidden, gbs = MODELS[model]
     for method in METHODS:

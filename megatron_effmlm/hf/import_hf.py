@@ -166,12 +166,13 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
         raise HFImportError(f"internal: weights not matched: missing {missing[:4]}, unexpected {res.unexpected_keys[:4]}")
     extra["vocab_size"] = hf_cfg.vocab_size  # rows the export writes back (may exceed the tokenizer's)
 
-    from megatron_effmlm.arguments import DataConfig, OptimConfig, RunConfig, TrainConfig
+    from megatron_effmlm.config import DataConfig, OptimConfig, RunConfig, TrainConfig
     from megatron_effmlm.checkpoint.run_info import run_info
 
+    train = TrainConfig()
+    train.global_batch_size = 0  # the record of a run that took no step (the checks refuse 0 on a real run)
     run = RunConfig(mc, ParallelConfig(), PrecisionConfig(), OptimConfig(),
-                    DataConfig(data_path=[f"imported from {os.path.abspath(folder)}"], mask_prob=None),
-                    TrainConfig(global_batch_size=0))
+                    DataConfig(data_path=[f"imported from {os.path.abspath(folder)}"], mask_prob=None), train)
     info = run_info(run, tokenizer)
     info["tokenizer"]["dir"] = tok_dir
     save_checkpoint(tmp, 0, [model], None, None, {

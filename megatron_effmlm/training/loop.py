@@ -24,7 +24,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_effmlm.arguments import RunConfig, check_layout
+from megatron_effmlm.config import RunConfig, check_layout
 from megatron_effmlm.checkpoint import dist_ckpt
 from megatron_effmlm.checkpoint.run_info import run_info
 from megatron_effmlm.config import ConfigError, build_transformer_config
