@@ -133,15 +133,14 @@ def fp8_line(a) -> str:
 
 def build_runner(a, name, shape, precision, tok, batches):
     """One method's model, optimizer and policy (step_time.Runner), in `precision`."""
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.bert.bert_model import BertModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model, mark_replicated_params, ddp_wrap
+    from megatron_effmlm.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config, ddp_wrap, mark_replicated_params
     from megatron_effmlm.model.specs import get_layer_spec
     from megatron_effmlm.parallel.init import set_seed
-    from megatron_effmlm.plans import get_policy
+    from megatron_effmlm.plans import POLICIES, get_policy
+    from megatron_effmlm.training.step import build_optimizer, wire_grads
     from step_time import Runner
 
     L, d, heads = SHAPES[shape]
@@ -149,11 +148,12 @@ def build_runner(a, name, shape, precision, tok, batches):
     prec = PrecisionConfig(bf16=precision in ("bf16", "fp8"), fp8_format=fp8_format,
                            fp8_recipe=a.fp8_recipe if fp8_format else None, fp8_compile=a.fp8_compile and bool(fp8_format))
     set_seed(a.seed)
+    opts = POLICIES[name].options(vars(a)) if name != BASELINE else {}  # the bench's flags of the method's names
+    overrides = POLICIES[name].model_overrides(opts) if name != BASELINE else {}
     mcfg = ModelConfig(num_layers=L, hidden_size=d, num_attention_heads=heads, seq_length=a.seq_length,
                        vocab_size=a.vocab, hidden_dropout=a.dropout, attention_dropout=a.dropout,
                        transformer_impl=a.transformer_impl, attention_backend=a.attention_backend,
-                       bias_gelu_fusion=not a.no_bias_fusions, bias_dropout_fusion=not a.no_bias_fusions,
-                       decoder_layers=a.decoder_layers if name == "3ml" else 0)
+                       bias_gelu_fusion=not a.no_bias_fusions, bias_dropout_fusion=not a.no_bias_fusions, **overrides)
     tconfig = build_transformer_config(mcfg, ParallelConfig(), prec)
     if name == BASELINE:
         # Megatron-LM's BERT with the same layers (spec, kernels, precision) as ours. BertModel
@@ -189,20 +189,10 @@ def build_runner(a, name, shape, precision, tok, batches):
         from megatron_effmlm.model.builder import unwrap
 
         unwrap(model).live_token_multiple = max(unwrap(model).live_token_multiple, a.live_token_multiple)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
-                        bf16=prec.bf16, params_dtype=prec.params_dtype), [model])
-    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
-
-    fuse_torch_adamw(optimizer)  # as training/loop.py does
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    tconfig.grad_scale_func = optimizer.scale_loss
-    tconfig.no_sync_func = model.no_sync
+    optimizer = build_optimizer([model], OptimConfig(lr=1e-4, min_lr=1e-5), prec)
+    wire_grads(tconfig, [model], optimizer)
     policy, step_index = None, None
     if name != BASELINE:
-        opts = {"3ml": dict(decoder_layers=a.decoder_layers), "token-drop": dict(td_keep_ratio=a.td_keep_ratio),
-                "sctd": dict(td_keep_ratio=a.td_keep_ratio, sctd_interval=a.sctd_interval),
-                "random-ltd": dict(ltd_start=a.ltd_start)}.get(name, {})
         policy = get_policy(name, tokenizer=tok, num_layers=L, seed=a.seed, **opts)
         # sctd: its plain steps (every --sctd-interval-th adds a full pass); random-ltd: its start
         step_index = {"sctd": 1, "random-ltd": 0}.get(name)
@@ -210,7 +200,7 @@ def build_runner(a, name, shape, precision, tok, batches):
     data = [{k: v[:mb] for k, v in b.items()} for b in batches["3ml" if name == "3ml" else "vanilla"]]
     if torch.cuda.is_available():
         data = [{k: v.cuda() for k, v in b.items()} for b in data]
-    return Runner(name, model, optimizer, data, policy, step_index), mcfg
+    return Runner(name, model, optimizer, data, tconfig, policy, step_index), mcfg
 
 
 def measure(a, runner, mcfg, log):

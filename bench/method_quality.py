@@ -203,7 +203,7 @@ def common_pretrain_args(a, c):
 def iteration_flops(argv, vocab: int) -> float:
     """The FLOP model's cost of one iteration of a pretrain_effmlm.py command line."""
     from megatron_effmlm.arguments import parse_args as parse_pretrain
-    from megatron_effmlm.model.flops import iteration_flops as flops_of
+    from megatron_effmlm.plans.flops import iteration_flops as flops_of
 
     cfg = parse_pretrain(argv)
     cfg.model.vocab_size = max(cfg.model.vocab_size, vocab)

@@ -284,10 +284,29 @@ def build_data(a, log, maskings=((0.15, True), (0.5, False))):
 
 # ----------------------------------------------------------------------------- models and steps
 
-class Runner:
-    """One method: its model (DDP-wrapped), optimizer, policy, batches and step index."""
+class MegatronBertInputs:
+    """megatron-core's BertModel seen as a policy: Megatron-LM's pretrain_bert inputs and loss
+    (the head on every position, the loss masked to the predicted ones)."""
 
-    def __init__(self, name, model, optimizer, batches, policy=None, step_index=None, precision="fp32"):
+    def model_inputs(self, batch, step):
+        self.loss_mask = batch["loss_mask"]
+        return dict(input_ids=batch["text"], attention_mask=batch["padding_mask"], lm_labels=batch["labels"])
+
+    def loss(self, output):
+        lm_loss, _ = output
+        mask = self.loss_mask.reshape(-1).float()
+        n = self.loss_mask.sum().to(torch.int)
+        total = (lm_loss.float().reshape(-1) * mask).sum()
+        return total, n, {"lm loss": torch.stack([total.detach(), n.float()])}
+
+
+class Runner:
+    """One method: its model (DDP-wrapped), optimizer, policy, batches and step index; a step
+    is the trainer's (training/step.py), timed."""
+
+    def __init__(self, name, model, optimizer, batches, tconfig, policy=None, step_index=None, precision="fp32"):
+        from megatron_effmlm.training.step import Step
+
         self.name, self.model, self.optimizer, self.batches, self.policy = name, model, optimizer, batches, policy
         self.precision = precision
         self.label = name if precision == "fp32" else f"{name} ({precision})"
@@ -297,6 +316,8 @@ class Runner:
         self.opt_times = []  # the optimizer step (+ after_step) part of each timed step
         self.last_loss = float("nan")
         self.forward_flops = []  # the engine's FLOP count of each forward (our models only)
+        b, T = batches[0]["text"].shape
+        self.train_step = Step([model], policy if policy is not None else MegatronBertInputs(), tconfig, b, T)
 
     def policy_step(self):
         return self.calls if self.step_index is None else self.step_index
@@ -304,39 +325,15 @@ class Runner:
     def next_batch(self):
         return self.batches[self.calls % len(self.batches)]
 
-    def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        if self.policy is None:  # megatron-core BertModel, Megatron-LM's pretrain_bert loss
-            lm_loss, _ = model(batch["text"], batch["padding_mask"], lm_labels=batch["labels"])
-
-            def loss_func(output):
-                mask = batch["loss_mask"].reshape(-1).float()
-                n = batch["loss_mask"].sum().to(torch.int)
-                total = (output.float().reshape(-1) * mask).sum()
-                return total, n, {"lm loss": torch.stack([total.detach(), n.float()])}
-
-            return lm_loss, loss_func
-        out = model(**self.policy.model_inputs(batch, self.policy_step()))
-        return out, self.policy.loss
-
     def step(self):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         from megatron_effmlm.model.builder import unwrap
 
         batch = self.next_batch()
         inner = unwrap(self.model)
-        if hasattr(inner, "forward_flops"):
-            inner.forward_flops = 0.0
         sync()
         t0 = time.perf_counter()
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        reports = get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=iter([batch]), model=[self.model],
-            num_microbatches=1, seq_length=batch["text"].shape[1], micro_batch_size=batch["text"].shape[0],
-            forward_only=False,
-        )
+        self.train_step.zero_grads(self.optimizer)
+        reports = self.train_step.forward_backward(iter([batch]), 1, self.policy_step())
         sync()
         t1 = time.perf_counter()
         with torch.profiler.record_function("effmlm/optimizer"):  # bench/profile_step.py's scope
@@ -355,16 +352,14 @@ class Runner:
 
 
 def build_runners(a, tok, batches, log):
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
     from megatron.core.models.bert.bert_model import BertModel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model, mark_replicated_params, ddp_wrap
+    from megatron_effmlm.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config, ddp_wrap, mark_replicated_params
     from megatron_effmlm.parallel.init import set_seed
     from megatron_effmlm.plans import get_policy
+    from megatron_effmlm.training.step import build_optimizer, wire_grads
 
     runners = []
     for precision, name in [(pr, m) for pr in a.precisions for m in a.methods]:
@@ -395,15 +390,8 @@ def build_runners(a, tok, batches, log):
             model = ddp_wrap([bert], tconfig)[0]
         else:
             model = build_model(mcfg, par, tconfig)[0]
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, clip_grad=1.0,
-                            bf16=bf16, params_dtype=prec.params_dtype),
-            [model],
-        )
-        fuse_torch_adamw(optimizer)  # as the trainer: torch's fused AdamW where megatron-core fell back to torch's
-        tconfig.finalize_model_grads_func = finalize_model_grads
-        tconfig.grad_scale_func = optimizer.scale_loss
-        tconfig.no_sync_func = model.no_sync
+        optimizer = build_optimizer([model], OptimConfig(lr=1e-4, min_lr=1e-5), prec)
+        wire_grads(tconfig, [model], optimizer)
 
         policy, step_index = None, None
         if name != BASELINE:
@@ -414,7 +402,7 @@ def build_runners(a, tok, batches, log):
         data = batches[masking_of(name)]
         if torch.cuda.is_available():
             data = [{k: v.cuda() for k, v in b.items()} for b in data]
-        runners.append(Runner(name, model, optimizer, data, policy, step_index, precision))
+        runners.append(Runner(name, model, optimizer, data, tconfig, policy, step_index, precision))
         nparams = sum(p.numel() for p in model.parameters())
         log(f"built {runners[-1].label:24s} {nparams / 1e6:7.2f}M parameters")
     return runners
@@ -443,7 +431,7 @@ def saved_activation_bytes(runner) -> int:
     model.zero_grad_buffer()
     runner.optimizer.zero_grad()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, loss_func = runner.forward_step(iter([batch]), model)
+        out, loss_func = runner.train_step.forward_step(iter([batch]), model)
         total, n, _ = loss_func(out)
     (total / n).backward()
     model.zero_grad_buffer()
@@ -489,7 +477,8 @@ def measured_peak_flops(shape, precision, reps=5, warmup=2):
 
 def predicted_flops(a, name):
     """Training FLOPs per sequence by the FLOP model (docs/methods.md), the method's own parameters."""
-    from megatron_effmlm.model.flops import Shape, step_flops
+    from megatron_effmlm.model.flops import Shape
+    from megatron_effmlm.plans.flops import step_flops
 
     def shape(mask_prob):
         return Shape(a.num_layers, a.seq_length, a.hidden_size, 4 * a.hidden_size, a.model_vocab_padded, mask_prob)

@@ -9,8 +9,8 @@ METHODS = ["vanilla", "3ml", "3ml-cross", "token-drop", "sctd", "random-ltd"]
 
 
 def tiny_model(vocab, precision="fp32", impl="local", attention="local", method="vanilla", arch="megatron-bert"):
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
 
     torch.manual_seed(0)
     dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}
@@ -69,8 +69,8 @@ def fused_and_default_adamw_steps(tok, batch, bf16: bool, steps: int = 3):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
 
     runs, start = [], None
     for fused in (False, True):

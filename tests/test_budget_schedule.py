@@ -21,7 +21,8 @@ LR, MIN_LR = 1e-3, 1e-5
 
 
 def vanilla_iteration_flops():
-    from megatron_effmlm.model.flops import Shape, step_flops
+    from megatron_effmlm.model.flops import Shape
+    from megatron_effmlm.plans.flops import step_flops
 
     return 8 * step_flops("vanilla", Shape(4, 64, 64, 256, 4096, 0.15))
 

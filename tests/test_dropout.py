@@ -60,9 +60,9 @@ def test_model_uses_it_for_every_dropout(mcore_single, demo_batch, demo_tokenize
     """Every dropout of a CPU model is Dropout15 or the integer-mask bias-dropout-add; with
     dropout on, two seeds differ and one seed repeats (a training step is reproducible)."""
     from precision_helpers import batch_for, policy_for
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
     from megatron_effmlm.model import dropout
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
     from megatron_effmlm.parallel.init import set_seed
 
     for arch in ("megatron-bert", "bert"):

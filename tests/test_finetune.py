@@ -3,7 +3,6 @@ ln(num_labels), and dev predictions that are all one class."""
 
 import json
 import math
-import os
 import re
 
 import pytest

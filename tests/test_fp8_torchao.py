@@ -24,8 +24,8 @@ TORCHAO = "torchao 0.18.0, torch._scaled_mm on the CPU (a reference kernel, 16 t
 
 
 def fp8_model(vocab, method="vanilla", fp8_format=None, recipe=None, recompute=None, compile=False):
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
 
     torch.manual_seed(0)
     dec = dict(decoder_layers=2, decoder_type="cross" if method == "3ml-cross" else "self") if method.startswith("3ml") else {}

@@ -12,8 +12,8 @@ import traceback
 import pytest
 import torch
 
-from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-from megatron_effmlm.model.builder import decoder_spec
+from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.model.builder import build_transformer_config, decoder_spec
 from megatron_effmlm.model.mlm_model import MLMModel
 from megatron_effmlm.model.specs import get_layer_spec
 from megatron_effmlm.plans import get_policy
@@ -168,7 +168,7 @@ def inherent(method, m):
     want = {"megatron_effmlm/model/mlm_model.py:mlm_head:nonzero": passes,
             f"{MCORE_CE}:calculate_predicted_logits:__setitem__": 2 * ce_calls}
     if method.startswith("3ml"):
-        want["megatron_effmlm/model/engine.py:from_mask:__int__"] = 2 if method.startswith("3ml-cross") else 1
+        want["megatron_effmlm/model/plan.py:from_mask:__int__"] = 2 if method.startswith("3ml-cross") else 1
     if method.endswith("-packed"):
         calls = L + (2 * 2 if method.startswith("3ml-cross") else 0)  # + the decoder's self and cross attention
         want["megatron_effmlm/model/packed_attention.py:reference_varlen_attn:tolist"] = 2 * calls
@@ -197,7 +197,7 @@ def test_kept_bound_is_torchs_largest_k():
 def test_static_width_pads_the_data_dependent_live_set(demo_batch, demo_tokenizer):
     """The kept sets of token dropping and random-LTD: the same valid slots as the batch's own
     maximum width, then only invalid slots (position T), at a width from T and the ratio."""
-    from megatron_effmlm.model.engine import LiveSet, _mask_of
+    from megatron_effmlm.model.plan import LiveSet, _mask_of
     from megatron_effmlm.plans.token_drop import kept_bound
 
     batch = {k: v.clone() for k, v in demo_batch.items()}

@@ -5,7 +5,8 @@ gradient and no importance update), and the GPU benchmark's quick mode. CPU."""
 import pytest
 import torch
 
-from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+from megatron_effmlm.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.model.builder import build_transformer_config
 from megatron_effmlm.model.backends import select_backends
 from megatron_effmlm.model.mlm_model import MLMModel
 from megatron_effmlm.model.specs import get_layer_spec
@@ -143,7 +144,7 @@ def test_packed_attention_equals_padded_sdpa(demo_batch, demo_tokenizer, method)
 def test_packed_attention_function_against_masked_sdpa(cross):
     """packed_attention on ragged rows (a full row, so a zero-length padded segment; a row of
     one token) equals SDPA with the padding mask at every valid query."""
-    from megatron_effmlm.model.engine import LiveSet
+    from megatron_effmlm.model.plan import LiveSet
     from megatron_effmlm.model.packed_attention import live_packing, packed_attention
 
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_scenarios, tiny_model_args
-from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-from megatron_effmlm.model.builder import decoder_spec
+from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.model.builder import build_transformer_config, decoder_spec
 from megatron_effmlm.model.mlm_model import MLMModel
 from megatron_effmlm.model.specs import get_layer_spec
 from megatron_effmlm.plans import get_policy

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
+from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.model.builder import build_transformer_config
 from megatron_effmlm.model.mlm_model import MLMModel
 from megatron_effmlm.model.specs import get_layer_spec
 from megatron_effmlm.plans import get_policy

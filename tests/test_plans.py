@@ -3,7 +3,7 @@ update, the random-LTD schedule."""
 
 import torch
 
-from megatron_effmlm.model.engine import LiveSet
+from megatron_effmlm.model.plan import LiveSet
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.plans.random_ltd import ltd_length
 from megatron_effmlm.plans.token_drop import PIN, select_kept
@@ -27,7 +27,7 @@ def test_select_kept_ties_padding_and_ratio():
 
 
 def test_importance_table_update_and_pins(demo_tokenizer, mcore_single):
-    from megatron_effmlm.model.mlm_model import MLMOutput
+    from megatron_effmlm.model.plan import MLMOutput
 
     tok = demo_tokenizer
     p = get_policy("token-drop", tokenizer=tok, num_layers=4, td_beta=0.9)

@@ -3,14 +3,13 @@ recomputation, for every method, with dropout on (the recomputed forward must re
 dropout masks: CPU generator and megatron-core's RNG tracker). With EFFMLM_TEST_GPU=1 on a GPU
 the same comparisons also run there (CUDA generator, megatron-core's CUDA tracker)."""
 
-import dataclasses
 
 import pytest
 import torch
 
 from conftest import GPU_TESTS
-from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-from megatron_effmlm.model.builder import decoder_spec
+from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_effmlm.model.builder import build_transformer_config, decoder_spec
 from megatron_effmlm.model.mlm_model import MLMModel
 from megatron_effmlm.model.specs import get_layer_spec
 from megatron_effmlm.plans import get_policy

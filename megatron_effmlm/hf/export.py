@@ -118,8 +118,8 @@ def load_model(path: str, common: dict, keep_decoder: bool = False):
     from megatron.core import dist_checkpointing
 
     from megatron_effmlm.checkpoint import dist_ckpt
-    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
     from megatron_effmlm.parallel.init import initialize_distributed
 
     from megatron.core import parallel_state, tensor_parallel

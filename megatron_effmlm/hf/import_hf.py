@@ -117,10 +117,9 @@ def _import(folder, output, tmp, hf_cfg, target, seq_length, max_tp):
     import transformers
 
     from megatron_effmlm.checkpoint.dist_ckpt import save_checkpoint
-    from megatron_effmlm.config import (ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config,
-                                        pad_vocab_size)
+    from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig, pad_vocab_size
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
-    from megatron_effmlm.model.builder import build_model
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
     from megatron_effmlm.parallel.init import initialize_distributed
 
     tokenizer_to_ours(folder, os.path.join(tmp, "tokenizer"))

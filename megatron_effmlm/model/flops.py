@@ -3,9 +3,9 @@ costs n * (8 d^2 + 4 d f) for the projections and MLP plus 4 n n_kv d for attent
 the LM head 2 (d^2 + d V) per predicted token; backward is twice the forward.
 
 The model counts what the engine ran with these (padded live counts included); each method's
-policy (plans/) says what its layers cost (`Policy.layer_costs`), and `step_flops` and
-`iteration_flops` add that up for the progress line, --train-flops-budget's schedule,
-pipeline balancing and the benchmarks.
+policy (plans/) says what its layers cost (`Policy.layer_costs`), and plans/flops.py adds
+that up for the progress line, --train-flops-budget's schedule, pipeline balancing and the
+benchmarks.
 """
 
 from __future__ import annotations
@@ -49,32 +49,3 @@ class Shape:
 
     def head(self, m: int = None) -> float:
         return head_flops(self.predicted if m is None else m, self.hidden_size, self.vocab)
-
-
-def step_flops(method: str, shape: Shape, head_on_all: bool = False, **options) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) per sequence of one step of `method`
-    (a --method name; "megatron-bert": vanilla with the head on every position, as
-    megatron-core's BertModel); `options`: the method's (plans' constructor keywords)."""
-    from megatron_effmlm.plans import POLICIES
-
-    if method == "megatron-bert":
-        method, head_on_all = "vanilla", True
-    if method not in POLICIES:
-        raise ValueError(f"no FLOP model for method {method!r}")
-    enc, extra = POLICIES[method].layer_costs(shape, **options)
-    if head_on_all:
-        extra += shape.head(shape.seq_len) - shape.head()
-    return 3.0 * (sum(enc) + extra)
-
-
-def run_shape(cfg) -> Shape:
-    """The Shape of a run (a RunConfig)."""
-    m = cfg.model
-    return Shape(m.num_layers, m.seq_length, m.hidden_size, m.ffn_hidden_size,
-                 m.padded_vocab_size(cfg.parallel.tensor_model_parallel_size), cfg.data.mask_prob)
-
-
-def iteration_flops(cfg) -> float:
-    """The FLOP model's training FLOPs of one iteration (global batch) of a run (a RunConfig)."""
-    t = cfg.train
-    return t.global_batch_size * step_flops(t.method, run_shape(cfg), **t.method_options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -28,22 +28,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_effmlm.model.engine import LiveSet, PlanRunner, TokenPlan, gather_ids
+from megatron_effmlm.model.engine import PlanRunner, gather_ids
+from megatron_effmlm.model.plan import LiveSet, MLMOutput, TokenPlan
 from megatron_effmlm.model.flops import cross_attention_flops, head_flops, layer_flops
 
 
 HEAD_LOSS_SCOPE = "effmlm/head_loss"
-
-
-@dataclasses.dataclass
-class MLMOutput:
-    """What the last stage hands to the loss function."""
-
-    lm_losses: Tensor  # [m] cross-entropy of each predicted position
-    labels: Optional[Tensor] = None  # [m] their target ids
-    binary_loss: Optional[Tensor] = None  # [b] sentence-order loss, with --bert-binary-head
-    captured: Dict[int, Tensor] = dataclasses.field(default_factory=dict)  # layer -> [b, h] first-token states
-    consistency: Optional["MLMOutput"] = None  # the second (full) pass of a consistency step (ScTD)
 
 
 class MLMModel(LanguageModule):

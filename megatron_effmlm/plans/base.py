@@ -12,14 +12,12 @@ benchmarks read them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 
 from megatron_effmlm.config import ConfigError
-from megatron_effmlm.model.engine import LiveSet, TokenPlan
-from megatron_effmlm.model.mlm_model import MLMOutput
+from megatron_effmlm.model.plan import LiveSet, MLMOutput, TokenPlan
 
 POLICIES: Dict[str, Type["Policy"]] = {}
 
@@ -47,28 +45,6 @@ class Flag:
         else:
             kw.update(type=self.type, choices=self.choices)
         group.add_argument(self.name, **kw)
-
-
-def positive(v) -> Optional[str]:
-    if isinstance(v, float) and not math.isfinite(v):
-        return f"must be a finite number, got {v}"
-    return None if v > 0 else f"must be > 0, got {v}"
-
-
-def non_negative(v) -> Optional[str]:
-    if isinstance(v, float) and not math.isfinite(v):
-        return f"must be a finite number, got {v}"
-    return None if v >= 0 else f"must be >= 0, got {v}"
-
-
-def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    """A check for low <= v <= high, each end open or closed, written as [low, high)."""
-    def check(v) -> Optional[str]:
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"must be a finite number, got {v}"
-        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        return None if ok else f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {v}"
-    return check
 
 
 def all_flags() -> Dict[str, Flag]:

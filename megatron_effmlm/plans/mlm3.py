@@ -11,7 +11,7 @@ cross-attention to the encoder's output (the kept tokens). The paper leaves the 
 this is the MAE-LM-like reading, and it is cheaper than the self variant.
 """
 
-from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
+from megatron_effmlm.model.plan import LiveSet, PlanStep, TokenPlan
 from megatron_effmlm.model.flops import cross_attention_flops
 from megatron_effmlm.plans.base import Flag, Policy, real_positions, register
 

@@ -11,7 +11,7 @@ return before the encoder's last layer with their states from before the drop. T
 The whole method is this file: its flags are 3ML's and token dropping's, reused.
 """
 
-from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
+from megatron_effmlm.model.plan import LiveSet, PlanStep, TokenPlan
 from megatron_effmlm.plans.base import real_positions, register
 from megatron_effmlm.plans.mlm3 import DECODER_LAYERS, DECODER_TYPE, ThreeMLPolicy
 from megatron_effmlm.plans.token_drop import BETA, KEEP_RATIO, TokenDropPolicy, kept_bound, select_kept

@@ -11,9 +11,9 @@ count is the only state.
 
 import torch
 
-from megatron_effmlm.config import ConfigError
-from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Flag, Policy, non_negative, positive, real_positions, register, static_width
+from megatron_effmlm.config import ConfigError, non_negative, positive
+from megatron_effmlm.model.plan import LiveSet, PlanStep, TokenPlan
+from megatron_effmlm.plans.base import Flag, Policy, real_positions, register, static_width
 
 
 def ltd_length(step: int, seq_len: int, start: int, steps: int, granularity: int) -> int:

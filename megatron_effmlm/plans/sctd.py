@@ -17,8 +17,9 @@ dropped pass's losses.
 import torch
 import torch.nn.functional as F
 
-from megatron_effmlm.model.engine import TokenPlan
-from megatron_effmlm.plans.base import Flag, non_negative, positive, real_positions, register
+from megatron_effmlm.config import non_negative, positive
+from megatron_effmlm.model.plan import TokenPlan
+from megatron_effmlm.plans.base import Flag, real_positions, register
 from megatron_effmlm.plans.token_drop import TokenDropPolicy
 
 

@@ -16,9 +16,9 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from megatron_effmlm.config import ConfigError
-from megatron_effmlm.model.engine import LiveSet, PlanStep, TokenPlan
-from megatron_effmlm.plans.base import Flag, Policy, in_range, real_positions, register, static_width
+from megatron_effmlm.config import ConfigError, in_range
+from megatron_effmlm.model.plan import LiveSet, PlanStep, TokenPlan
+from megatron_effmlm.plans.base import Flag, Policy, real_positions, register, static_width
 
 KEEP_RATIO = Flag("--td-keep-ratio", "td_keep_ratio", 0.5, "token dropping's methods: kept fraction of the middle layers",
                   type=float, check=in_range(0, 1, low_open=True))

@@ -20,32 +20,20 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_effmlm.config import RunConfig, check_layout
 from megatron_effmlm.checkpoint import dist_ckpt
 from megatron_effmlm.checkpoint.run_info import run_info
-from megatron_effmlm.config import ConfigError, build_transformer_config
-from megatron_effmlm.model.builder import build_model, unwrap
+from megatron_effmlm.config import ConfigError, RunConfig, check_layout
+from megatron_effmlm.model.builder import build_model, build_transformer_config, unwrap
 from megatron_effmlm.parallel.init import comm_device, initialize_distributed
-from megatron_effmlm.parallel.p2p import schedule_kwargs
 from megatron_effmlm.plans import get_policy
 from megatron_effmlm.training.progress import Progress
 from megatron_effmlm.training.schedule import ResumableScheduler, zero_lr_warning
 from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
                                                  all_finite)
+from megatron_effmlm.training.step import Step, build_optimizer, wire_grads
 
 logger = logging.getLogger(__name__)
-
-
-def _finalize_model_grads(model, *args, **kwargs):
-    """megatron-core's finalize_model_grads, then 3ML's tied injection tensors (PP > 1)."""
-    from megatron_effmlm.model.builder import allreduce_tied_injection_grads
-
-    finalize_model_grads(model, *args, **kwargs)
-    allreduce_tied_injection_grads(model)
 
 
 def _disk_full(e: BaseException, root: str, tmp: str, needed: int) -> bool:
@@ -112,31 +100,30 @@ class Trainer:
         self.stage_layers = self._stage_layers()
         self.tconfig = build_transformer_config(cfg.model, par, cfg.precision, self.stage_layers)
         self.model = build_model(cfg.model, par, self.tconfig)
-        o = cfg.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=cfg.precision.bf16,
-                fp16=cfg.precision.fp16,
-                params_dtype=cfg.precision.params_dtype,
-                loss_scale=cfg.precision.loss_scale,
-                initial_loss_scale=cfg.precision.initial_loss_scale,
-                min_loss_scale=cfg.precision.min_loss_scale,
-                loss_scale_window=cfg.precision.loss_scale_window,
-                hysteresis=cfg.precision.hysteresis,
-                use_distributed_optimizer=par.use_distributed_optimizer,
-            ),
-            self.model,
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.precision, par.use_distributed_optimizer)
+        self.scheduler = self._build_scheduler()
+        self._warned_zero_lr = False
+        wire_grads(self.tconfig, self.model, self.optimizer)
+        self.policy = get_policy(
+            t.method, tokenizer=tokenizer, binary_head=cfg.model.bert_binary_head,
+            num_layers=cfg.model.num_layers, seed=t.seed, **t.method_options,
         )
+        self.step = Step(self.model, self.policy, self.tconfig, t.micro_batch_size, cfg.model.seq_length)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_iters = 0
+        self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.exit_code = EXIT_OK
+        self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
+        self.tokens_seen = 0.0  # non-padding input tokens of training so far
+        self.train_seconds = 0.0  # wall-clock of the training loop so far (every sitting)
+        self._loop_t0 = None  # when this sitting's loop started
+        self._load(t.load, t.save)
+
+    def _build_scheduler(self) -> ResumableScheduler:
+        o, t = self.cfg.optim, self.cfg.train
         warmup_steps, decay_steps = self._schedule_span()
-        self.scheduler = ResumableScheduler(
+        return ResumableScheduler(
             self.optimizer,
             init_lr=0.0 if warmup_steps else o.lr,
             max_lr=o.lr,
@@ -152,47 +139,31 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
             source=t.load or "",
         )
-        self._warned_zero_lr = False
-        self.tconfig.finalize_model_grads_func = _finalize_model_grads
-        self.tconfig.grad_scale_func = self.optimizer.scale_loss
-        self.tconfig.no_sync_func = [m.no_sync for m in self.model]
-        if len(self.model) == 1:
-            self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
-        self.schedule_kwargs = schedule_kwargs(self.tconfig)  # the pipeline communicator (PP > 1), built once
 
-        self.policy = get_policy(
-            t.method, tokenizer=tokenizer, binary_head=cfg.model.bert_binary_head,
-            num_layers=cfg.model.num_layers, seed=t.seed, **t.method_options,
+    def _load(self, load: Optional[str], save: Optional[str]) -> None:
+        """Resume from --load (weights, optimizer, scheduler, counters, the method's state).
+        --load DIR --save DIR (a requeueable job's command line): a missing DIR is a fresh start."""
+        if not load or (load == save and not os.path.isdir(load)):
+            return
+        extra = dist_ckpt.load_checkpoint(
+            load, self.model, self.optimizer, self.scheduler,
+            {"consumed_samples": 0, "train_flops": 0.0, "tokens_seen": 0.0, "train_seconds": 0.0,
+             "policy": self.policy.state_dict(), "run_info": {}},
+            vocab_size=self.cfg.model.vocab_size,
         )
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.skipped_iters = 0
-        self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient
-        self.exit_code = EXIT_OK
-        self.train_flops = 0.0  # model FLOPs of training so far (FLOP model), for the budget
-        self.tokens_seen = 0.0  # non-padding input tokens of training so far
-        self.train_seconds = 0.0  # wall-clock of the training loop so far (every sitting)
-        self._loop_t0 = None  # when this sitting's loop started
-        # --load DIR --save DIR (a requeueable job's command line): a missing DIR is a fresh start.
-        if t.load and (t.load != t.save or os.path.isdir(t.load)):
-            extra = dist_ckpt.load_checkpoint(
-                t.load, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": 0, "train_flops": 0.0, "tokens_seen": 0.0, "train_seconds": 0.0,
-                 "policy": self.policy.state_dict(), "run_info": {}},
-                vocab_size=cfg.model.vocab_size,
-            )
-            if extra is not None:
-                self._check_checkpoint_tokenizer(t.load, extra.get("run_info") or {})
-                self.scheduler.check_loaded()
-                self.iteration = int(extra["iteration"])
-                self.consumed_samples = int(extra["consumed_samples"])
-                self.train_flops = float(extra.get("train_flops", 0.0))
-                self.tokens_seen = float(extra.get("tokens_seen", 0.0))
-                self.train_seconds = float(extra.get("train_seconds", 0.0))
-                self.policy.load_state_dict(extra.get("policy", {}))
         from megatron_effmlm.compat.gpu_fallbacks import fuse_torch_adamw
 
-        fuse_torch_adamw(self.optimizer)  # GPU without TE/Apex: torch's fused AdamW
+        fuse_torch_adamw(self.optimizer)  # again: the loaded state's step counts where the fused kernel wants them
+        if extra is None:
+            return
+        self._check_checkpoint_tokenizer(load, extra.get("run_info") or {})
+        self.scheduler.check_loaded()
+        self.iteration = int(extra["iteration"])
+        self.consumed_samples = int(extra["consumed_samples"])
+        self.train_flops = float(extra.get("train_flops", 0.0))
+        self.tokens_seen = float(extra.get("tokens_seen", 0.0))
+        self.train_seconds = float(extra.get("train_seconds", 0.0))
+        self.policy.load_state_dict(extra.get("policy", {}))
 
     def _check_checkpoint_tokenizer(self, load: str, info: dict):
         """Token ids mean the tokens of the tokenizer a checkpoint was trained with: another
@@ -210,7 +181,7 @@ class Trainer:
     BUDGET_SCHEDULE_UNITS = 1_000_000
 
     def predicted_iteration_flops(self) -> float:
-        from megatron_effmlm.model.flops import iteration_flops
+        from megatron_effmlm.plans.flops import iteration_flops
 
         return iteration_flops(self.cfg)
 
@@ -250,7 +221,7 @@ class Trainer:
 
     def _stage_layers(self):
         """Encoder layers per pipeline stage: explicit, balanced by FLOPs, or None (even)."""
-        from megatron_effmlm.model.flops import run_shape
+        from megatron_effmlm.plans.flops import run_shape
         from megatron_effmlm.parallel.balance import split_by_flops
         from megatron_effmlm.plans import POLICIES
 
@@ -303,28 +274,6 @@ class Trainer:
         return [one() for _ in self.model] if len(self.model) > 1 else one()
 
     # ----- one step -----
-    def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        if getattr(unwrap(model), "vp_stage", None) in (None, 0):  # every chunk reads the batch
-            self._batch_tokens += int(batch["padding_mask"].sum())
-        if torch.cuda.is_available():
-            batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = model(**self.policy.model_inputs(batch, self.iteration))
-        return out, self.policy.loss
-
-    def _run_schedule(self, data_iterator, forward_only: bool, num_microbatches: int):
-        fwd_bwd = get_forward_backward_func()
-        return fwd_bwd(
-            forward_step_func=self._forward_step,
-            data_iterator=data_iterator,
-            model=self.model,
-            num_microbatches=num_microbatches,
-            seq_length=self.cfg.model.seq_length,  # unused: every message carries its own shape
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            forward_only=forward_only,
-            **self.schedule_kwargs,
-        )
-
     def _reduce_report(self, reports, key="lm loss") -> float:
         """Global mean of a per-token loss: sum over micro-batches and data-parallel ranks
         on the last stage, then shared with every rank of the pipeline (nan if absent)."""
@@ -348,18 +297,14 @@ class Trainer:
         return t.item()
 
     def train_step(self, data_iterator) -> dict:
-        for m in self.model:
-            unwrap(m).forward_flops = 0.0
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        self._batch_tokens = 0
+        self.step.zero_grads(self.optimizer)
         if not self._warned_zero_lr:  # never train at LR 0 unseen (a schedule that ended, --lr 0)
             warning = zero_lr_warning(self.optimizer.param_groups[0]["lr"], self.scheduler, self.iteration + 1)
             if warning:
                 self._warned_zero_lr = True
                 if is_logging_rank():
                     print(warning, file=sys.stderr, flush=True)
-        reports = self._run_schedule(data_iterator, forward_only=False, num_microbatches=self.num_microbatches)
+        reports = self.step.forward_backward(data_iterator, self.num_microbatches, self.iteration)
         loss = self._reduce_report(reports)
         # A non-finite loss or gradient on any rank: every rank skips the update (and the
         # method's statistics), the batch counts as consumed, as an fp16 overflow would.
@@ -382,7 +327,7 @@ class Trainer:
         else:
             self.policy.discard_step()
         extra = {k: self._reduce_report(reports, k) for k in self.policy.report_keys}  # the method's own terms
-        tokens = torch.tensor([self._batch_tokens], dtype=torch.float64, device=comm_device())
+        tokens = torch.tensor([self.step.tokens], dtype=torch.float64, device=comm_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         self.train_flops += flops
         self.tokens_seen += tokens.item()
@@ -403,10 +348,9 @@ class Trainer:
             m.eval()
         self.policy.training = False
         it = self.data_iterator(dataset, 0)
-        self._batch_tokens = 0
         reports = []
         for _ in range(eval_iters):
-            reports += self._run_schedule(it, forward_only=True, num_microbatches=self.num_microbatches)
+            reports += self.step.forward_backward(it, self.num_microbatches, self.iteration, forward_only=True)
         for m in self.model:
             m.train()
         self.policy.training = True
