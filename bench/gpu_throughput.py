@@ -6,10 +6,10 @@ shapes at T = 512, in bf16 (and FP8 where Transformer Engine or torchao runs it)
     python bench/gpu_throughput.py --shapes bert-large --precisions bf16,fp8 --methods vanilla   # FP8 vs bf16
     python bench/gpu_throughput.py --quick              # CPU smoke run: tiny shape, fp32, 2 steps
 
-A step is what training/loop.py does (bench/step_time.py's Runner): zero grads, megatron-core's
+A step is the trainer's (training/step.py, through bench/benchlib.py's Runner): zero grads, megatron-core's
 forward/backward schedule on one micro-batch, finalize grads, the optimizer step (megatron-core's
 mixed-precision optimizer: fp32 main weights), the policy's after_step. Batches are real packed
-demo-corpus batches (bench/step_time.py's build_data; T = 512, masking 0.15, 3ML 0.5).
+demo-corpus batches (bench/benchlib.py's build_data; T = 512, masking 0.15, 3ML 0.5).
 
 Model FLOPs are the engine's own count of what ran (model/flops.py; backward = 2 x forward);
 the baseline's are every layer and the head on all positions. MFU = model TFLOP/s / the
@@ -132,7 +132,7 @@ def fp8_line(a) -> str:
 
 
 def build_runner(a, name, shape, precision, tok, batches):
-    """One method's model, optimizer and policy (step_time.Runner), in `precision`."""
+    """One method's model, optimizer and policy (benchlib.Runner), in `precision`."""
     from megatron.core.models.bert.bert_model import BertModel
 
     from megatron_effmlm.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
@@ -141,7 +141,7 @@ def build_runner(a, name, shape, precision, tok, batches):
     from megatron_effmlm.parallel.init import set_seed
     from megatron_effmlm.plans import POLICIES, get_policy
     from megatron_effmlm.training.step import build_optimizer, wire_grads
-    from step_time import Runner
+    from benchlib import Runner
 
     L, d, heads = SHAPES[shape]
     fp8_format = ("e4m3" if a.fp8_recipe == "rowwise" else "hybrid") if precision == "fp8" else None
@@ -229,7 +229,7 @@ def measure(a, runner, mcfg, log):
 
 def main(argv=None):
     a = parse_args(argv)
-    from step_time import bench_logger, build_data, device_name, device_tag, git_state, predicted_flops
+    from benchlib import bench_logger, build_data, device_name, device_tag, git_state, predicted_flops
 
     log = bench_logger()
     start = time.perf_counter()
@@ -309,7 +309,7 @@ def main(argv=None):
 
 
 def markdown(res):
-    from step_time import fmt
+    from benchlib import fmt
 
     c = res["config"]
     lines = [f"Device: {res['device']}; {res['date']}; torch {res['torch']}, megatron-core {res['megatron_core']}.",
@@ -335,7 +335,7 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    from step_time import write_tables
+    from benchlib import write_tables
 
     stem, plt = write_tables(a.results_dir, f"gpu_throughput_{tag}", res, markdown(res))
     groups = [(s, p) for s in a.shapes for p in sorted({r["precision"] for r in res["rows"]})]

@@ -547,7 +547,7 @@ def _ratio(cell):
 
 
 def write_outputs(a, c, results, b_flops, times=None):
-    from step_time import write_tables  # bench/ is on the path when run as a script
+    from benchlib import write_tables  # bench/ is on the path when run as a script
 
     per_iter = (times or {}).get("seconds_per_iteration", {})
     for r in results:  # the time axis: iterations x the method's step time measured side by side

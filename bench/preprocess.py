@@ -54,7 +54,7 @@ def _digest(paths):
 def main(argv=None):
     a = parse_args(argv)
     from megatron_effmlm.data.preprocess import preprocess, train_punkt
-    from step_time import corpus_and_tokenizer
+    from benchlib import corpus_and_tokenizer
 
     start = time.perf_counter()
 
@@ -124,7 +124,7 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    from step_time import write_tables
+    from benchlib import write_tables
 
     stem, plt = write_tables(a.results_dir, f"preprocess_{tag}", res, markdown(res))
     fig, ax = plt.subplots(figsize=(6.5, 4))

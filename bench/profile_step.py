@@ -12,7 +12,7 @@ idle = step). CPU: each op's self CPU time on the thread that runs the step (for
 backward; the fused AdamW's kernels too), so categories + outside-ops = step.
 
 Categories, first match wins (names lowercased; patterns in CATEGORIES below):
-- optimizer: inside bench/step_time.Runner's "effmlm/optimizer" range (megatron-core's optimizer
+- optimizer: inside bench/benchlib.Runner's "effmlm/optimizer" range (megatron-core's optimizer
   step with its grad-norm, clipping and copies, and the policy's after_step);
 - head_loss: inside the model's "effmlm/head_loss" range (model/mlm_model.py: gather of the
   predicted rows, LM head, output layer, cross-entropy), and in backward the autograd nodes
@@ -191,7 +191,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     import gpu_throughput as gt
     import megatron.core
-    from step_time import bench_logger, build_data, device_name, device_tag, git_state
+    from benchlib import bench_logger, build_data, device_name, device_tag, git_state
 
     log = bench_logger()
     g = gt.parse_args(rest + ["--shapes", a.shape])
@@ -232,7 +232,7 @@ def main(argv=None):
            "what": "GPU: kernel time per category and device idle; CPU: self CPU time per category and time "
                    "outside ops; ms per step (bench/profile_step.py's docstring has the patterns)",
            "categories": ORDER, "patterns": dict(CATEGORIES), "rows": rows}
-    from step_time import write_tables
+    from benchlib import write_tables
 
     md = markdown(res)
     stem, _ = write_tables(a.results_dir, f"profile_step_{a.tag or device_tag()}", res, md)

@@ -5,7 +5,7 @@ import json
 import numpy
 import pytest
 
-from megatron_effmlm.data.dataset import MaskingSpec, mask_tokens, masking_budget
+from megatron_effmlm.data.masking import MaskingSpec, mask_tokens, masking_budget
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@
   sample is cut into sample-sized pieces (no text is dropped).
 - ``BERTSentenceOrderDataset``: megatron-core's ``BERTMaskedWordPieceDataset`` (two segments
   and the sentence-order label) for ``binary_head=True``, with the same sample conventions.
-- ``mask_tokens``: the masking, deterministic per (seed, split, sample index).
+- the masking is data/masking.py's, the index checks data/indexed.py's.
 - ``build_train_valid_test_datasets``: Megatron's ``--data-path``/``--split`` blend through
   ``BlendedMegatronDatasetBuilder``.
 
@@ -16,14 +16,11 @@ nothing is predicted), ``loss_mask``, ``padding_mask`` (1 on real tokens), ``typ
 """
 
 import contextlib
-import json
 import logging
 import math
 import os
 import re
-import struct
 import time
-from collections import namedtuple
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,11 +33,13 @@ from megatron.core.datasets.bert_dataset import (
 )
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_effmlm.data.errors import DataError
+from megatron_effmlm.data.indexed import check_data_tokenizer, check_indexed_dataset, check_token_ids, open_indexed_dataset
+from megatron_effmlm.data.masking import MaskingSpec, mask_tokens, sample_rng
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +65,6 @@ class MLMDatasetConfig(BlendedMegatronDatasetConfig):
     whole_word_masking: bool = False
     """Choose whole words (all their pieces) using the tokenizer's word_start_mask()."""
 
-    binary_head: bool = False
-    """BERT two-segment samples with the sentence-order label (megatron-core's BERT dataset)."""
-
-    short_sequence_probability: float = 0.1
-    """binary_head only: megatron-core's chance of a shorter sample."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokenizer is None:
@@ -87,242 +80,6 @@ class MLMDatasetConfig(BlendedMegatronDatasetConfig):
             )
         if self.sequence_length < 3:
             raise DataError(f"sequence length must be >= 3 ([CLS] x [SEP]), got {self.sequence_length}")
-
-
-# --------------------------------------------------------------------------------------------
-# Masking
-
-
-@dataclass
-class MaskingSpec:
-    """What masking needs from the tokenizer and the config, as lookup arrays."""
-
-    mask_id: int
-    is_special: numpy.ndarray  # [vocab] bool
-    random_pool: numpy.ndarray  # ids a "random token" is drawn from: the non-special vocabulary
-    masking_probability: float = 0.15
-    mask_80_10_10: bool = True
-    replace_prob: float = 0.8
-    random_prob: float = 0.1
-    word_start: Optional[numpy.ndarray] = None  # [vocab] bool; set for whole-word masking
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, masking_probability=0.15, mask_80_10_10=True,
-                       replace_prob=0.8, random_prob=0.1, whole_word_masking=False) -> "MaskingSpec":
-        is_special = numpy.zeros(tokenizer.vocab_size, dtype=bool)
-        is_special[list(tokenizer.special_ids)] = True
-        return cls(
-            mask_id=tokenizer.mask,
-            is_special=is_special,
-            random_pool=numpy.flatnonzero(~is_special),
-            masking_probability=masking_probability,
-            mask_80_10_10=mask_80_10_10,
-            replace_prob=replace_prob,
-            random_prob=random_prob,
-            word_start=tokenizer.word_start_mask() if whole_word_masking else None,
-        )
-
-    def replace(self, input_ids: numpy.ndarray, positions: numpy.ndarray, rng: numpy.random.RandomState) -> None:
-        """The replacement rule, in place at `positions`: [MASK] with probability replace_prob,
-        a random non-special token with random_prob, else unchanged (all [MASK] without 80/10/10)."""
-        if not self.mask_80_10_10:
-            input_ids[positions] = self.mask_id
-            return
-        u = rng.random_sample(positions.size)
-        to_mask = u < self.replace_prob
-        to_random = (~to_mask) & (u < self.replace_prob + self.random_prob)
-        input_ids[positions[to_mask]] = self.mask_id
-        input_ids[positions[to_random]] = self.random_pool[
-            rng.randint(0, self.random_pool.size, size=int(to_random.sum()))
-        ]
-
-
-MaskedTokens = namedtuple("MaskedTokens", ["input_ids", "labels", "loss_mask", "positions"])
-
-
-def masking_budget(num_candidates: int, masking_probability: float) -> int:
-    """round(r * n), half up, at least 1 when there is anything to mask."""
-    if num_candidates <= 0:
-        return 0
-    return int(min(num_candidates, max(1, math.floor(masking_probability * num_candidates + 0.5))))
-
-
-def _choose_whole_words(tokens, candidates, budget, word_start, rng) -> numpy.ndarray:
-    # A word starts at a word-start token or right after a non-candidate (special) position.
-    starts = word_start[tokens[candidates]]
-    starts[0] = True
-    starts[1:] |= numpy.diff(candidates) != 1
-    word_of = numpy.cumsum(starts) - 1
-    lengths = numpy.bincount(word_of)
-    order = rng.permutation(lengths.size)
-    taken = numpy.cumsum(lengths[order]) <= budget
-    n_prefix = int(numpy.argmin(taken)) if not taken.all() else taken.size
-    chosen = list(order[:n_prefix])
-    room = budget - int(lengths[order[:n_prefix]].sum())
-    for w in order[n_prefix:]:  # fill what is left with words that still fit
-        if room == 0:
-            break
-        if lengths[w] <= room:
-            chosen.append(w)
-            room -= int(lengths[w])
-    if not chosen:  # every word is longer than the budget: still predict one word
-        chosen = [order[0]]
-    return candidates[numpy.isin(word_of, chosen)]
-
-
-def mask_tokens(tokens, rng: numpy.random.RandomState, spec: MaskingSpec) -> MaskedTokens:
-    """Mask ``round(r * n)`` of the ``n`` non-special tokens (at least 1).
-
-    Returns the input ids after masking, labels (original id at predicted positions, -1
-    elsewhere), the loss mask (1 at predicted positions) and the sorted predicted positions.
-    """
-    tokens = numpy.asarray(tokens, dtype=numpy.int64)
-    candidates = numpy.flatnonzero(~spec.is_special[tokens])
-    budget = masking_budget(candidates.size, spec.masking_probability)
-    if budget == 0:
-        positions = candidates[:0]
-    elif spec.word_start is not None:
-        positions = _choose_whole_words(tokens, candidates, budget, spec.word_start, rng)
-    else:
-        positions = numpy.sort(rng.choice(candidates, size=budget, replace=False))
-    input_ids = tokens.copy()
-    spec.replace(input_ids, positions, rng)
-    labels = numpy.full(tokens.shape, -1, dtype=numpy.int64)
-    labels[positions] = tokens[positions]
-    loss_mask = numpy.zeros(tokens.shape, dtype=numpy.int64)
-    loss_mask[positions] = 1
-    return MaskedTokens(input_ids, labels, loss_mask, positions)
-
-
-def sample_rng(seed: int, split: int, idx: int) -> numpy.random.RandomState:
-    """The RNG of one sample: a function of (seed, split, index) only, so any access order
-    (and a resumed run) sees the same masks."""
-    return numpy.random.RandomState(numpy.random.MT19937(numpy.random.SeedSequence([seed, split, int(idx)])))
-
-
-# --------------------------------------------------------------------------------------------
-# Indexed dataset checks
-
-
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
-
-
-def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> None:
-    """Fail with a clear message on a missing, truncated or corrupt ``prefix.bin/.idx``."""
-    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
-    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
-    if missing:
-        raise DataError(
-            f"{flag}: no indexed dataset at prefix {prefix}: {' and '.join(missing)} "
-            f"{'does' if len(missing) == 1 else 'do'} not exist (give the prefix without .bin/.idx)"
-        )
-    size = os.path.getsize(idx_path)
-    with open(idx_path, "rb") as f:
-        header = f.read(_IDX_HEADER_BYTES)
-    if len(header) < _IDX_HEADER_BYTES or header[:9] != _IDX_MAGIC:
-        raise DataError(f"{idx_path}: corrupt or truncated index file (bad header, {size} bytes)")
-    version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[9:])
-    if version != 1:
-        raise DataError(f"{idx_path}: unsupported index version {version}")
-    try:
-        itemsize = DType.size(DType.dtype_from_code(code))
-    except (KeyError, ValueError):
-        raise DataError(f"{idx_path}: corrupt index file (unknown dtype code {code})") from None
-    expected = _IDX_HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8
-    if size < expected:
-        raise DataError(
-            f"{idx_path}: truncated index file: {size} bytes, but its header promises "
-            f"{n_seq} sequences and {n_doc - 1} documents ({expected} bytes)"
-        )
-    lengths = numpy.fromfile(idx_path, dtype=numpy.int32, count=n_seq, offset=_IDX_HEADER_BYTES)
-    pointers = numpy.fromfile(idx_path, dtype=numpy.int64, count=n_seq, offset=_IDX_HEADER_BYTES + 4 * n_seq)
-    docs = numpy.fromfile(idx_path, dtype=numpy.int64, count=n_doc, offset=_IDX_HEADER_BYTES + 12 * n_seq)
-    if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or numpy.any(numpy.diff(docs) < 0):
-        raise DataError(f"{idx_path}: corrupt index file (document indices do not cover the sequences)")
-    if (lengths < 0).any():
-        raise DataError(f"{idx_path}: corrupt index file (negative sequence length)")
-    # Sequences lie back to back: each size entry must equal the gap between its pointers.
-    ends = pointers.astype(numpy.int64) + lengths.astype(numpy.int64) * itemsize
-    bad = numpy.flatnonzero(pointers[1:] != ends[:-1]) + 1 if n_seq else numpy.array([], dtype=numpy.int64)
-    if n_seq and pointers[0] != 0:
-        bad = numpy.concatenate([[0], bad])
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(f"{idx_path}: corrupt index file (the size or offset entry of sequence {i} does not match "
-                        f"its neighbours: {bad.size} such entries)")
-    need = int(ends[-1]) if n_seq else 0
-    have = os.path.getsize(bin_path)
-    if have < need:
-        raise DataError(f"{bin_path}: truncated data file: {have} bytes, its index needs {need}")
-    if have != need:  # an .idx of one dataset beside the .bin of another
-        raise DataError(f"{bin_path}: {have} bytes, but {idx_path} describes {need}: the two files are of "
-                        "different datasets (preprocess again, or pair each .idx with its own .bin)")
-
-
-def check_token_ids(prefix: str, tokenizer, max_tokens: int = 1 << 24) -> None:
-    """The data must have been made with this tokenizer: its first `max_tokens` token ids
-    (a bounded read, whatever the corpus size) must lie inside the tokenizer's vocabulary."""
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if not vocab:
-        return
-    with open(f"{prefix}.idx", "rb") as f:
-        code = struct.unpack("<QBQQ", f.read(_IDX_HEADER_BYTES)[9:])[1]
-    dtype = DType.dtype_from_code(code)
-    count = min(os.path.getsize(f"{prefix}.bin") // numpy.dtype(dtype).itemsize, max_tokens)
-    if count == 0:
-        return
-    ids = numpy.memmap(f"{prefix}.bin", dtype=dtype, mode="r", shape=(count,))
-    top = int(ids.max())
-    if top >= vocab:
-        where = getattr(tokenizer, "path", None) or "the tokenizer"
-        raise DataError(
-            f"{prefix}.bin holds token id {top}, outside the vocabulary of the tokenizer in {where} "
-            f"({vocab} tokens): the data was made with another tokenizer (--tokenizer-dir)")
-
-
-# Beside prefix.bin/.idx: which tokenizer made them (tools/preprocess_data.py writes it).
-TOKENIZER_SIDECAR = ".tokenizer.json"
-
-
-def tokenizer_record(tokenizer) -> dict:
-    return {"tokenizer_sha1": tokenizer.unique_identifiers["tokenizer_sha1"], "vocab_size": tokenizer.vocab_size,
-            "tokenizer_dir": os.path.abspath(tokenizer.path)}
-
-
-def write_tokenizer_record(prefix: str, tokenizer) -> None:
-    path = prefix + TOKENIZER_SIDECAR
-    with open(path + ".tmp", "w") as f:
-        json.dump(tokenizer_record(tokenizer), f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def check_data_tokenizer(prefix: str, tokenizer) -> None:
-    """Data that records its tokenizer (newer preprocessing) must have been made with this one,
-    even when the vocabulary sizes agree; data without the record is not checked."""
-    path = prefix + TOKENIZER_SIDECAR
-    ids = getattr(tokenizer, "unique_identifiers", None)
-    if not ids or not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            made = json.load(f)
-        sha1 = made["tokenizer_sha1"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable tokenizer record ({e}); delete it to skip the check") from None
-    if sha1 != ids["tokenizer_sha1"]:
-        raise DataError(
-            f"{prefix}.bin was made with the tokenizer in {made.get('tokenizer_dir')} (sha1 {sha1[:12]}), not the "
-            f"one in {tokenizer.path} (sha1 {ids['tokenizer_sha1'][:12]}): the same token ids mean other "
-            "tokens (--tokenizer-dir)")
-
-
-def open_indexed_dataset(prefix: str, mmap: bool = True) -> IndexedDataset:
-    check_indexed_dataset(prefix)
-    try:
-        return IndexedDataset(prefix, mmap=mmap)
-    except (AssertionError, ValueError, OSError, struct.error) as err:
-        raise DataError(f"{prefix}.idx: cannot open indexed dataset: {err!r}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,37 +442,28 @@ def build_train_valid_test_datasets(
             "--data-path with blend weights needs the number of samples of every split "
             f"(train/valid/test samples), got {sizes}"
         )
-    try:
-        config = MLMDatasetConfig(
-            random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
-            path_to_cache=cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=mid_level_dataset_surplus,
-            mmap_bin_files=mmap_bin_files, masking_probability=masking_probability,
-            mask_80_10_10=mask_80_10_10, mask_replace_prob=mask_replace_prob,
-            mask_random_prob=mask_random_prob, whole_word_masking=whole_word_masking,
-            binary_head=binary_head, short_sequence_probability=short_sequence_probability,
+    common = dict(random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+                  path_to_cache=cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=mid_level_dataset_surplus,
+                  mmap_bin_files=mmap_bin_files, masking_probability=masking_probability,
+                  mask_80_10_10=mask_80_10_10, mask_replace_prob=mask_replace_prob, mask_random_prob=mask_random_prob)
+    if binary_head and whole_word_masking and tokenizer.kind != "wordpiece":
+        raise DataError(
+            "whole-word masking with the binary head needs a wordpiece tokenizer (megatron-core's "
+            f"BERT dataset finds words by '##'), got {tokenizer.kind}"
         )
+    try:
+        if binary_head:  # megatron-core's BERT samples (two segments, sentence order)
+            cls = BERTSentenceOrderDataset
+            config = BinaryHeadMLMConfig(
+                **common, short_sequence_probability=short_sequence_probability, masking_max_ngram=1, masking_do_full_word=whole_word_masking, masking_do_permutation=False,
+                masking_use_longer_ngrams=False, masking_use_geometric_distribution=False, classification_head=True)
+        else:
+            cls = PackedMLMDataset
+            config = MLMDatasetConfig(**common, whole_word_masking=whole_word_masking)
     except (AssertionError, ValueError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"bad dataset configuration (--split {split!r}?): {err}") from None
-    cls = PackedMLMDataset
-    if binary_head:
-        if whole_word_masking and tokenizer.kind != "wordpiece":
-            raise DataError(
-                "whole-word masking with the binary head needs a wordpiece tokenizer (megatron-core's "
-                f"BERT dataset finds words by '##'), got {tokenizer.kind}"
-            )
-        config = BinaryHeadMLMConfig(
-            random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
-            path_to_cache=cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=mid_level_dataset_surplus,
-            mmap_bin_files=mmap_bin_files, masking_probability=masking_probability,
-            short_sequence_probability=short_sequence_probability, masking_max_ngram=1,
-            masking_do_full_word=whole_word_masking, masking_do_permutation=False,
-            masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
-            classification_head=True, mask_80_10_10=mask_80_10_10, mask_replace_prob=mask_replace_prob,
-            mask_random_prob=mask_random_prob,
-        )
-        cls = BERTSentenceOrderDataset
     with _process_group_for_megatron():
         builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
         train, valid, test = builder.build()

@@ -420,7 +420,7 @@ def preprocess(
     stats.outputs = prefixes
     if stats.documents == 0:
         raise DataError(f"--input: no documents in {input_path}")
-    from megatron_effmlm.data.dataset import write_tokenizer_record
+    from megatron_effmlm.data.indexed import write_tokenizer_record
 
     for prefix in prefixes.values():  # training compares it with --tokenizer-dir
         write_tokenizer_record(prefix, tokenizer)

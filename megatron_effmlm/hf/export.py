@@ -151,19 +151,11 @@ def load_model(path: str, common: dict, keep_decoder: bool = False):
 @torch.no_grad()
 def our_outputs(model, input_ids, padding_mask):
     """(MLM logits [m, V], final hidden states [m, h]) of our model at the real positions
-    (row-major), by its own forward: the head's input and the output layer, captured."""
-    got = {}
-    h1 = model.lm_head.register_forward_pre_hook(lambda mod, args: got.__setitem__("hidden", args[0]))
-    # cloned: megatron-core's vocab-parallel cross-entropy shifts the logits in place
-    h2 = model.output_layer.register_forward_hook(lambda mod, args, out: got.__setitem__("logits", out[0].clone()))
-    try:
-        b, T = input_ids.shape
-        model(input_ids=input_ids, position_ids=torch.arange(T).expand(b, T), padding_mask=padding_mask,
-              loss_mask=padding_mask, labels=input_ids)
-    finally:
-        h1.remove()
-        h2.remove()
-    return got["logits"].squeeze(1), got["hidden"]
+    (row-major), by its own forward."""
+    b, T = input_ids.shape
+    out = model(input_ids=input_ids, position_ids=torch.arange(T).expand(b, T), padding_mask=padding_mask,
+                loss_mask=padding_mask, labels=input_ids, return_logits=True)
+    return out.logits, out.hidden
 
 
 @torch.no_grad()

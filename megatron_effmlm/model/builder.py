@@ -11,7 +11,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_effmlm.model.mlm_model import MLMModel
+from megatron_effmlm.model.mlm_model import MLMModel, tie_injection_params
 from megatron_effmlm.model.specs import get_layer_spec, use_out_of_place_attention_mask, with_cross_attention
 
 logger = logging.getLogger(__name__)
@@ -192,51 +192,6 @@ def ddp_wrap(chunks, transformer_config, use_distributed_optimizer: bool = False
     for w in wrapped:
         w.broadcast_params()
     return wrapped
-
-
-def _injection_pairs(chunks):
-    """3ML's tied tensors on this rank, in the order both ends of the embedding group use:
-    the first stage's (position table, e_mask), or the injection stage's copies."""
-    first = [c for c in chunks if c.pre_process and hasattr(c, "mask_embedding")]
-    last = [c for c in chunks if hasattr(c, "injection_position_embeddings")]
-    if first:
-        return [first[0].embedding.position_embeddings.weight, first[0].mask_embedding]
-    if last:
-        return [last[0].injection_position_embeddings.weight, last[0].mask_embedding]
-    return []
-
-
-def _in_injection_tie(chunks) -> bool:
-    return ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group(ignore_virtual=True) \
-        and bool(_injection_pairs(chunks))
-
-
-def tie_injection_params(chunks):
-    """The injection stage's copies start as the first stage's values (as megatron-core starts
-    the output layer: zero the copy, all-reduce over the embedding group)."""
-    import torch.distributed as dist
-
-    if not _in_injection_tie(chunks):
-        return
-    is_copy = hasattr(chunks[-1], "injection_position_embeddings")
-    with torch.no_grad():
-        for t in _injection_pairs(chunks):
-            if is_copy:
-                t.zero_()
-            dist.all_reduce(t.data, group=ps.get_embedding_group())
-
-
-def allreduce_tied_injection_grads(model) -> None:
-    """Sum the gradients of the first stage's position table / e_mask and the injection stage's
-    copies (after megatron-core's finalize_model_grads), so both take the same update."""
-    import torch.distributed as dist
-
-    chunks = [unwrap(m) for m in model]
-    if not _in_injection_tie(chunks):
-        return
-    for t in _injection_pairs(chunks):
-        grad = t.main_grad if getattr(t, "main_grad", None) is not None else t.grad
-        dist.all_reduce(grad, group=ps.get_embedding_group())
 
 
 def decoder_spec(model_cfg: ModelConfig, half: bool = False):

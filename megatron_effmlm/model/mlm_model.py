@@ -12,9 +12,11 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import Tensor
 
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.bert.bert_lm_head import BertLMHead
 from megatron.core.models.bert.pooler import Pooler
@@ -161,7 +163,6 @@ class MLMModel(LanguageModule):
         stage's position table and e_mask (so any layout loads them)."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if hasattr(self, "injection_position_embeddings"):
-            from megatron.core import parallel_state as ps
             from megatron.core.utils import make_sharded_tensor_for_checkpoint
 
             dp = ps.get_data_parallel_rank(with_context_parallel=True)
@@ -191,6 +192,7 @@ class MLMModel(LanguageModule):
         is_random: Optional[Tensor] = None,  # [b], sentence-order labels
         plan: Optional[TokenPlan] = None,  # None: every position live at every layer
         consistency_plan: Optional[TokenPlan] = None,  # a second pass on the same batch (ScTD)
+        return_logits: bool = False,  # also the head's logits and input rows (export checks them)
     ):
         args = (input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random)
         if plan is None:
@@ -201,7 +203,7 @@ class MLMModel(LanguageModule):
         if not self.pre_process:  # split what the previous stage sent between the passes
             sizes = [r.carry_rows(self._first_layer_index()) for r in runners]
             carries = list(torch.split(self.encoder.input_tensor, sizes, 0))
-        outs = [self._run(r, c, *args) for r, c in zip(runners, carries)]
+        outs = [self._run(r, c, *args, return_logits=return_logits) for r, c in zip(runners, carries)]
         if not self.post_process:
             carry = torch.cat(outs, 0)
             return make_viewless_tensor(carry, requires_grad=True, keep_graph=True)
@@ -222,7 +224,8 @@ class MLMModel(LanguageModule):
     def _first_layer_index(self) -> int:
         return self.encoder.layers[0].layer_number - 1
 
-    def _run(self, runner, carry, input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random):
+    def _run(self, runner, carry, input_ids, position_ids, padding_mask, loss_mask, labels, tokentype_ids, is_random,
+             return_logits=False):
         b, T = input_ids.shape
         live = runner.plan.input_live
         if self.pre_process:
@@ -255,7 +258,7 @@ class MLMModel(LanguageModule):
                 hidden, tensor_parallel_output_grad=False
             )
         with torch.profiler.record_function(HEAD_LOSS_SCOPE):  # names the head in profiles (bench/profile_step.py)
-            out = self.mlm_head(hidden, runner, loss_mask, labels, is_random)
+            out = self.mlm_head(hidden, runner, loss_mask, labels, is_random, return_logits)
         out.captured = runner.captured
         self.forward_flops += head_flops(out.lm_losses.numel(), self.config.hidden_size, self.vocab_size)
         return out
@@ -308,20 +311,67 @@ class MLMModel(LanguageModule):
             runner.after_layer(idx, hidden)
         return hidden
 
-    def mlm_head(self, hidden: Tensor, runner: PlanRunner, loss_mask: Tensor, labels: Tensor, is_random=None) -> MLMOutput:
+    def mlm_head(self, hidden: Tensor, runner: PlanRunner, loss_mask: Tensor, labels: Tensor, is_random=None,
+                 return_logits: bool = False) -> MLMOutput:
         """LM head and loss on the predicted positions only."""
         flat_idx = loss_mask.reshape(-1).nonzero().squeeze(1)  # [m], row-major over [b, s]
-        predicted = runner.predicted_states(hidden, flat_idx)  # [m, h]
-        predicted = self.lm_head(predicted).unsqueeze(1)  # [m, 1, h]
+        states = runner.predicted_states(hidden, flat_idx)  # [m, h]
+        predicted = self.lm_head(states).unsqueeze(1)  # [m, 1, h]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         target = labels.reshape(-1)[flat_idx]  # [m]
         lm_losses = chunked_head_losses(self.output_layer, predicted, weight, target, self.lm_head_chunk_size)
         out = MLMOutput(lm_losses=lm_losses, labels=target)
+        if return_logits:
+            out.logits = self.output_layer(predicted, weight=weight)[0].squeeze(1)  # [m, V / tp]
+            out.hidden = states
         if self.add_binary_head and is_random is not None:
             pooled = self.pooler(runner_full_first_token(hidden, runner), 0)  # [b, h]
             binary_logits = self.binary_head(pooled).float()
             out.binary_loss = torch.nn.functional.cross_entropy(binary_logits, is_random.long(), reduction="none")
         return out
+
+
+# 3ML's tied injection tensors under pipeline parallelism (MLMModel.__init__ says why)
+
+def _injection_pairs(chunks):
+    """3ML's tied tensors on this rank, in the order both ends of the embedding group use:
+    the first stage's (position table, e_mask), or the injection stage's copies."""
+    first = [c for c in chunks if c.pre_process and hasattr(c, "mask_embedding")]
+    last = [c for c in chunks if hasattr(c, "injection_position_embeddings")]
+    if first:
+        return [first[0].embedding.position_embeddings.weight, first[0].mask_embedding]
+    if last:
+        return [last[0].injection_position_embeddings.weight, last[0].mask_embedding]
+    return []
+
+
+def _in_injection_tie(chunks) -> bool:
+    return ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group(ignore_virtual=True) \
+        and bool(_injection_pairs(chunks))
+
+
+def tie_injection_params(chunks):
+    """The injection stage's copies start as the first stage's values (as megatron-core starts
+    the output layer: zero the copy, all-reduce over the embedding group)."""
+    if not _in_injection_tie(chunks):
+        return
+    is_copy = hasattr(chunks[-1], "injection_position_embeddings")
+    with torch.no_grad():
+        for t in _injection_pairs(chunks):
+            if is_copy:
+                t.zero_()
+            dist.all_reduce(t.data, group=ps.get_embedding_group())
+
+
+def allreduce_tied_injection_grads(model) -> None:
+    """Sum the gradients of the first stage's position table / e_mask and the injection stage's
+    copies (after megatron-core's finalize_model_grads), so both take the same update."""
+    chunks = [getattr(m, "module", m) for m in model]  # inside megatron-core's DDP
+    if not _in_injection_tie(chunks):
+        return
+    for t in _injection_pairs(chunks):
+        grad = t.main_grad if getattr(t, "main_grad", None) is not None else t.grad
+        dist.all_reduce(grad, group=ps.get_embedding_group())
 
 
 def head_losses(output_layer, predicted: Tensor, weight: Optional[Tensor], target: Tensor) -> Tensor:

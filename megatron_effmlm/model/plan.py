@@ -129,3 +129,5 @@ class MLMOutput:
     binary_loss: Optional[Tensor] = None  # [b] sentence-order loss, with --bert-binary-head
     captured: Dict[int, Tensor] = dataclasses.field(default_factory=dict)  # layer -> [b, h] first-token states
     consistency: Optional["MLMOutput"] = None  # the second (full) pass of a consistency step (ScTD)
+    logits: Optional[Tensor] = None  # [m, V / tp] with return_logits (export's check)
+    hidden: Optional[Tensor] = None  # [m, h] the head's input rows, with return_logits

@@ -27,6 +27,7 @@ from megatron_effmlm.config import ConfigError, RunConfig, check_layout
 from megatron_effmlm.model.builder import build_model, build_transformer_config, unwrap
 from megatron_effmlm.parallel.init import comm_device, initialize_distributed
 from megatron_effmlm.plans import get_policy
+from megatron_effmlm.training.checkpointer import Checkpointer, every
 from megatron_effmlm.training.progress import Progress
 from megatron_effmlm.training.schedule import ResumableScheduler, zero_lr_warning
 from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, NonFiniteError, StopRequests,
@@ -34,25 +35,6 @@ from megatron_effmlm.training.resilience import (EXIT_OK, EXIT_SAVED_RESUMABLE, 
 from megatron_effmlm.training.step import Step, build_optimizer, wire_grads
 
 logger = logging.getLogger(__name__)
-
-
-def _disk_full(e: BaseException, root: str, tmp: str, needed: int) -> bool:
-    """Did a save fail for want of space? ENOSPC anywhere in the failure (torch DCP reports its
-    writers' errors as text), or -- torch's zip writer turns a short write into "unexpected
-    pos" -- less room on the filesystem before the save than the state it had to write."""
-    import errno
-
-    cause = e
-    while cause is not None:
-        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left on device" in str(cause):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    try:
-        st = os.statvfs(root)
-        written = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) if os.path.isdir(tmp) else 0
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize + written < needed
 
 
 def _has_weights(data_path) -> bool:
@@ -118,6 +100,7 @@ class Trainer:
         self.tokens_seen = 0.0  # non-padding input tokens of training so far
         self.train_seconds = 0.0  # wall-clock of the training loop so far (every sitting)
         self._loop_t0 = None  # when this sitting's loop started
+        self.checkpointer = Checkpointer(t.save, t.save_interval)
         self._load(t.load, t.save)
 
     def _build_scheduler(self) -> ResumableScheduler:
@@ -358,34 +341,13 @@ class Trainer:
 
     # ----- the loop -----
     def save(self):
-        t = self.cfg.train
         train_seconds = self._agreed_train_seconds()  # a collective: every rank, before the save
-        try:
-            path = dist_ckpt.save_checkpoint(
-                t.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
-                 "tokens_seen": self.tokens_seen, "train_seconds": train_seconds,
-                 "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
-            )
-        except (Exception, dist_ckpt.CheckpointException) as e:
-            final = dist_ckpt.checkpoint_dir(t.save, self.iteration)
-            # Adam: weights and two moments (a lower bound of what the save writes here)
-            needed = 3 * sum(p.numel() * p.element_size() for m in self.model for p in m.parameters())
-            if not _disk_full(e, t.save, final + ".tmp", needed):
-                raise
-            # The half-written iter_*.tmp would hold the space a later save needs; the
-            # previous checkpoint and the tracker naming it are untouched.
-            if is_logging_rank():
-                import shutil
-
-                shutil.rmtree(final + ".tmp", ignore_errors=True)
-            prev = dist_ckpt.find_candidates(t.save)
-            kept = f"the previous checkpoint {prev[0]} is kept" if prev else "no earlier checkpoint exists"
-            raise dist_ckpt.CheckpointError(
-                f"--save {t.save}: no space left on device while saving {final}; {kept}") from None
-        if is_logging_rank():
-            print(f"saved checkpoint {path}", flush=True)
-        return path
+        return self.checkpointer.save(
+            self.iteration, self.model, self.optimizer, self.scheduler,
+            {"consumed_samples": self.consumed_samples, "train_flops": self.train_flops,
+             "tokens_seen": self.tokens_seen, "train_seconds": train_seconds,
+             "policy": self.policy.state_dict(), "run_info": run_info(self.cfg, self.tokenizer)},
+            log=is_logging_rank())
 
     def _agreed_train_seconds(self) -> float:
         """Training wall-clock so far, the same on every rank (the slowest's): checkpoints'
@@ -411,7 +373,7 @@ class Trainer:
         self.train_seconds = self._agreed_train_seconds()
         self._loop_t0 = time.time()
         # --train-iters 0 saves the initial weights (iteration 0: weights only), whatever --save-interval
-        if t.save and (not t.save_interval or self.iteration % t.save_interval or t.train_iters == 0):
+        if self.checkpointer.due_at_end(self.iteration, t.train_iters):
             self.save()
         progress.write_curve(t.loss_curve)
         progress.close()
@@ -476,12 +438,12 @@ class Trainer:
                 window_t, window_tokens, window_flops = time.time(), 0.0, 0.0
             else:
                 progress.history["train"].append((self.iteration, stats["loss"]))
-            if t.eval_interval and valid_ds is not None and self.iteration % t.eval_interval == 0:
+            if valid_ds is not None and every(t.eval_interval, self.iteration):
                 progress.log_valid(self.iteration, self.evaluate(valid_ds, t.eval_iters))
-            if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+            if self.checkpointer.due(self.iteration):
                 self.save()
                 progress.write_curve(t.loss_curve)
-            if t.exit_interval and self.iteration % t.exit_interval == 0:
+            if every(t.exit_interval, self.iteration):
                 break
             if t.train_flops_budget and self.train_flops >= t.train_flops_budget:
                 if is_logging_rank():

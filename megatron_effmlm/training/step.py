@@ -16,7 +16,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_effmlm.config import OptimConfig, PrecisionConfig
-from megatron_effmlm.model.builder import allreduce_tied_injection_grads, unwrap
+from megatron_effmlm.model.builder import unwrap
+from megatron_effmlm.model.mlm_model import allreduce_tied_injection_grads
 from megatron_effmlm.parallel.p2p import schedule_kwargs
 
 
