@@ -17,8 +17,16 @@ def every(interval: int, iteration: int) -> bool:
 class Checkpointer:
     """--save and --save-interval: decides when a checkpoint is written, and writes it."""
 
-    def __init__(self, save: Optional[str], interval: int):
-        self.dir, self.interval = save, interval
+    def __init__(self, train):
+        self.train = train  # a TrainConfig: read at each call (--save may be set after the build)
+
+    @property
+    def dir(self) -> Optional[str]:
+        return self.train.save
+
+    @property
+    def interval(self) -> int:
+        return self.train.save_interval
 
     def due(self, iteration: int) -> bool:
         return bool(self.dir) and every(self.interval, iteration)

@@ -100,7 +100,7 @@ class Trainer:
         self.tokens_seen = 0.0  # non-padding input tokens of training so far
         self.train_seconds = 0.0  # wall-clock of the training loop so far (every sitting)
         self._loop_t0 = None  # when this sitting's loop started
-        self.checkpointer = Checkpointer(t.save, t.save_interval)
+        self.checkpointer = Checkpointer(t)
         self._load(t.load, t.save)
 
     def _build_scheduler(self) -> ResumableScheduler:
