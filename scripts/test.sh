@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # tests/test_slurm.py starts a throw-away Slurm cluster: install Slurm 22.05 + munge if missing
 # (needs root and apt; where that is impossible those tests skip and say why).
 bash scripts/install_slurm.sh || echo "[test] could not install Slurm: tests/test_slurm.py will skip"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests "$@"
