@@ -89,6 +89,8 @@ CONFIGS = {
                        "--seq-length", "128"],
                 micro_batch_size=16, global_batch_size=32, lr=1e-3, min_lr=1e-5, warmup_fraction=0.06,
                 vanilla_iters_at_b=5000, budgets=[0.5, 1.0], seeds=[1, 2, 3], max_tasks=None, sweep=list(SWEEP),
+                # the precision its runs pre-trained in: another one is another study (method_quality_cpu_fp32.*)
+                precision="bf16",
                 # chosen on vanilla at B among three (method_quality_cpu_calibration.md)
                 finetune=dict(epochs=5, lr=3e-4, batch_size=32, max_length=128, max_train_examples=2000),
                 eval_sequences=512, nproc=2, in_process=False, timing_iters=(10, 40), timing_rounds=2),
@@ -132,8 +134,14 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default=None, help="default: runs/method_quality_<config>")
     p.add_argument("--results-dir", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="pre-training precision; auto: bf16 where the CPU has bf16 instructions (or on a GPU), "
-                        "about 1.8x fp32's tokens/s for the cpu config's model on 2 cores")
+                   help="pre-training precision; auto: the config's (cpu: bf16, as its runs so far), else bf16 where "
+                        "the CPU has bf16 instructions (or on a GPU), about 1.8x fp32's tokens/s for the cpu config's "
+                        "model on 2 cores. Another precision than the config's is another study: its results are "
+                        "method_quality_<config>_<precision>.*")
+    p.add_argument("--only", nargs="+", default=None, metavar="RUN",
+                   help="this sitting runs only these runs of the plan (names as in the table, e.g. vanilla-40@0.5B "
+                        "token-drop@1B); the others are left for another sitting, their finished results still enter "
+                        "the table")
     p.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                    help="more pretrain_effmlm.py flags for every run (last on the command line)")
     a = p.parse_args(argv)
@@ -147,17 +155,35 @@ def parse_args(argv=None):
     a.nproc = a.nproc or c["nproc"]
     a.in_process = c["in_process"] if a.in_process is None else a.in_process
     a.unigram_data = a.unigram_data or a.data_path
-    if a.precision == "auto":
-        import torch
+    import torch
 
-        from megatron_effmlm.compat.cpu import cpu_bf16_error
+    from megatron_effmlm.compat.cpu import cpu_bf16_error
 
-        a.precision = "bf16" if torch.cuda.is_available() or cpu_bf16_error() is None else "fp32"
+    a.precision, err = resolve_precision(a.config, c.get("precision"), a.precision,
+                                         torch.cuda.is_available() or cpu_bf16_error() is None)
+    if err:
+        fail(err)
     # runs of another precision are another study: never skipped as if they were these
+    a.tag = a.config if a.precision == c.get("precision", a.precision) else f"{a.config}_{a.precision}"
     a.runs_dir = a.runs_dir or os.path.join(REPO, "runs", f"method_quality_{a.config}_{a.precision}")
     if c["max_tasks"] is not None:
         a.task_dirs = a.task_dirs[:c["max_tasks"]]
     return a, c
+
+
+def resolve_precision(config: str, fixed, requested: str, native_bf16: bool):
+    """(precision, error or None): `requested`, or for auto the config's own (`fixed`), else bf16
+    where this machine runs it natively (a GPU, or a CPU with bf16 instructions)."""
+    from megatron_effmlm.compat.cpu import CPU_BF16_FLAGS
+
+    precision = requested if requested != "auto" else fixed or ("bf16" if native_bf16 else "fp32")
+    if precision != "bf16" or native_bf16:
+        return precision, None
+    why = f"the {config} config pre-trains in bf16 (its runs so far did)" if requested == "auto" else "--precision bf16"
+    return precision, (f"{why}, and this machine has no GPU and no bf16 instructions ({' or '.join(CPU_BF16_FLAGS)} "
+                       "in /proc/cpuinfo's flags), where emulated bf16 is far slower than fp32: continue on a machine "
+                       f"that has them, or pass --precision fp32 for a separate fp32 study "
+                       f"(method_quality_{config}_fp32.*)")
 
 
 def fail(msg: str):
@@ -597,7 +623,7 @@ def write_outputs(a, c, results, b_flops, times=None):
             _ratio(row.get(k, {"ratio": None, "note": ""})) for k in (
                 "heldout_loss:train_flops", "heldout_loss:timed_seconds", "mean_accuracy:train_flops",
                 "mean_accuracy:timed_seconds")) + " |")
-    stem, plt = write_tables(a.results_dir, f"method_quality_{a.config}", res, "\n".join(md) + "\n")
+    stem, plt = write_tables(a.results_dir, f"method_quality_{a.tag}", res, "\n".join(md) + "\n")
     metrics = [("heldout_loss", "held-out MLM loss")] + ([("mean_accuracy", "mean dev accuracy")] if tasks else [])
     fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4 * len(metrics)), squeeze=False)
     for (metric, label), row in zip(metrics, axes):
@@ -632,7 +658,9 @@ def write_outputs(a, c, results, b_flops, times=None):
 def check_same_plan(result_path, argv):
     """A finished run is reused only if it ran this plan's command line (another B, learning rate
     or flag would mix two studies in one table)."""
-    done = _load(result_path)["pretrain_args"]
+    # where the data cache lies is this machine's business, not the plan's
+    done = _without(_load(result_path)["pretrain_args"], "--data-cache-path")
+    argv = _without(argv, "--data-cache-path")
     if done != argv:
         diff = sorted(set(done) ^ set(argv))[:6]
         fail(f"{result_path} was run with other flags than this plan's (differing: {' '.join(diff)}); "
@@ -668,7 +696,7 @@ def main(argv=None):
     overheads, pre_seconds, pre_budget = [], 0.0, 0.0
     # Each finished run's result also goes beside the results (committed with them): a later
     # sitting on another machine, without this one's runs folder, skips it too.
-    kept_dir = os.path.join(a.results_dir, f"method_quality_{a.config}_runs")
+    kept_dir = os.path.join(a.results_dir, f"method_quality_{a.tag}_runs")
     os.makedirs(kept_dir, exist_ok=True)
 
     def result_path(name):
@@ -693,12 +721,19 @@ def main(argv=None):
             if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
                 fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
                      "to fine-tune again (pre-train it again: move that result away)")
-    todo = [r for r in runs if not finished(r[0])]
+    names = [r[0] for r in runs]
+    for name in a.only or []:
+        if name not in names:
+            fail(f"--only {name}: no such run in this plan ({', '.join(names)})")
+    todo = [r for r in runs if not finished(r[0]) and (a.only is None or r[0] in a.only)]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
         path = finished(name)
         if path:
             results.append(_load(path))
             print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
+            continue
+        if name not in [r[0] for r in todo]:
+            print(f"[{i}/{len(runs)}] {name}: not in --only, left for another sitting", flush=True)
             continue
         left = todo[[r[0] for r in todo].index(name):]  # this run and the ones after it
         eta = "after the first run" if not overheads else "after the first pre-training run"
@@ -720,9 +755,11 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}{acc}, {r['train_flops']:.2e} FLOPs, "
               f"{r['train_seconds']:.0f} s training, {time.time() - t0:.0f} s in all", flush=True)
     times = None
-    if c["timing_rounds"]:
+    if c["timing_rounds"] and len(results) == len(runs):
         print("step times of every method, side by side (the time axis):", flush=True)
         times = stage_step_times(a, c, runs, kept_dir)
+    elif c["timing_rounds"]:
+        print(f"{len(runs) - len(results)} run(s) left: the time axis is measured once every run is done", flush=True)
     stem = write_outputs(a, c, results, b_flops, times)
     print(f"results: {stem}.md, .json, .png")
     return 0

@@ -192,8 +192,14 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     (results / "method_quality_quick_runs" / "vanilla-40@0.5B.json").unlink()
     # a run whose folder is gone but whose result was kept beside the results (another machine)
     shutil.rmtree(runs / "token-drop@1B")
-    third = _run(repo_root, args + ["--subprocesses"]).stdout
-    assert third.count("done before, skipped") == 14 and "vanilla-40@0.5B: running" in third
+    # a sitting that runs only some of what is left: the rest waits, and so does the time axis
+    shutil.rmtree(runs / "sctd@0.5B")
+    (results / "method_quality_quick_runs" / "sctd@0.5B.json").unlink()
+    third = _run(repo_root, args + ["--subprocesses", "--only", "vanilla-40@0.5B"]).stdout
+    assert third.count("done before, skipped") == 13 and "vanilla-40@0.5B: running" in third
+    assert "sctd@0.5B: not in --only, left for another sitting" in third
+    assert "1 run(s) left: the time axis is measured once every run is done" in third
+    assert "sctd@0.5B" not in {r["run"] for r in json.load(open(results / "method_quality_quick.json"))["runs"]}
     r = json.load(open(redo / "result.json"))
     assert r["train_flops"] == kept["train_flops"] and r["mask_sha1"] == kept["mask_sha1"]
     assert r["heldout_loss"] == pytest.approx(kept["heldout_loss"], abs=1e-3)
@@ -203,6 +209,41 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
     assert f"error: {runs}/vanilla-15@0.5B/result.json was run with other flags than this plan's" in r.stderr
+    r = subprocess.run([sys.executable, *args, "--only", "sctd@2B"], cwd=repo_root, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
+    assert "error: --only sctd@2B: no such run in this plan (no-pretraining, vanilla-15@0.5B, " in r.stderr
+
+
+def test_method_quality_precision_and_plan(repo_root, tmp_path):
+    """A config's precision is its study's: auto keeps it, or refuses up front where bf16 would
+    be emulated; another precision is another study (its own result names). A finished run's
+    plan is compared without the machine-local data cache path."""
+    sys.path.insert(0, os.path.join(repo_root, "bench"))
+    import method_quality as mq
+
+    assert mq.resolve_precision("cpu", "bf16", "auto", True) == ("bf16", None)
+    assert mq.resolve_precision("cpu", "bf16", "fp32", False) == ("fp32", None)
+    assert mq.resolve_precision("quick", None, "auto", False) == ("fp32", None)
+    assert mq.resolve_precision("quick", None, "auto", True) == ("bf16", None)
+    prec, err = mq.resolve_precision("cpu", "bf16", "auto", False)
+    assert prec == "bf16" and err.startswith("the cpu config pre-trains in bf16 (its runs so far did), and this "
+                                             "machine has no GPU and no bf16 instructions (avx512_bf16 or amx_bf16")
+    assert err.endswith("or pass --precision fp32 for a separate fp32 study (method_quality_cpu_fp32.*)")
+    assert mq.resolve_precision("quick", None, "bf16", False)[1].startswith("--precision bf16, and this machine")
+
+    common = ["--data-path", "d", "--tokenizer-dir", "t", "--heldout", "h"]
+    a, _ = mq.parse_args(["--config", "cpu", "--precision", "fp32", *common])
+    assert a.tag == "cpu_fp32" and a.runs_dir.endswith(os.path.join("runs", "method_quality_cpu_fp32"))
+    a, _ = mq.parse_args(["--quick", "--precision", "fp32", *common])
+    assert a.tag == "quick"
+
+    done = tmp_path / "run.json"
+    argv = ["--lr", "0.001", "--data-cache-path", "/elsewhere/cache", "--bf16"]
+    done.write_text(json.dumps({"pretrain_args": argv}))
+    mq.check_same_plan(str(done), ["--lr", "0.001", "--data-cache-path", "/here/cache", "--bf16"])  # the same plan
+    with pytest.raises(SystemExit):
+        mq.check_same_plan(str(done), ["--lr", "0.001", "--data-cache-path", "/elsewhere/cache"])
 
 
 def test_method_quality_demo_config(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, demo_jsonl):
