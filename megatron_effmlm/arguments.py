@@ -102,13 +102,14 @@ def config_from_args(a) -> RunConfig:
     if why:
         raise ConfigError(why)
     prec = _from_args(PrecisionConfig, a)
+    if prec.fp8_format:
+        prec.fp8_recipe = check_fp8(a)
+    # the flags' own consistency first, then whether this machine runs them
     if not __import__("torch").cuda.is_available():
         if prec.fp16:
             raise ConfigError("--fp16 needs a CUDA device; on the CPU use --bf16 (or fp32)")
         if prec.bf16 and (reason := cpu_bf16_error()):
             raise ConfigError(reason)
-    if prec.fp8_format:
-        prec.fp8_recipe = check_fp8(a)
     par = _from_args(ParallelConfig, a)
     optim = _from_args(OptimConfig, a)
     data = _from_args(DataConfig, a, no_mask_80_10_10=not a.mask_80_10_10)
