@@ -505,13 +505,23 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
               "final_lr": summary["final_lr"], "min_lr": summary["min_lr"],
               "heldout_loss": ev["loss"], "unigram_loss": ev.get("unigram_loss"),
               "gap_to_unigram": ev.get("gap_to_unigram"), "heldout_per_source": ev.get("per_source"),
-              "mask_sha1": ev["mask_sha1"], "tasks": tasks, "seeds": list(a.seeds),
+              "mask_sha1": ev["mask_sha1"], "source_versions": source_versions(a.heldout),
+              "tasks": tasks, "seeds": list(a.seeds),
               "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()) if tasks else None,
               "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "finetune_recipe": recipe(a, c),
               "seconds": round(time.time() - t0, 2),
               "stage_seconds": clock}
     _atomic_json(os.path.join(run_dir, "result.json"), result)
     return result
+
+
+def source_versions(heldout: str) -> dict:
+    """Each corpus source's version from tools/build_corpus.py's manifest.json beside the held-out
+    file ({} without one): a rebuilt corpus can differ (its Debian packages move)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(heldout)), "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    return {name: src.get("version") for name, src in _load(path).get("sources", {}).items()}
 
 
 def _seed_spread(tasks) -> float:
@@ -667,6 +677,17 @@ def check_same_plan(result_path, argv):
              "use another --runs-dir, or move that run away")
 
 
+def check_same_heldout(result_path, digest):
+    """A finished run is reused only if it was scored on these held-out rows and masks: a corpus
+    or tokenizer built again elsewhere can differ (tools/build_corpus.py's Debian packages move
+    between releases; manifest.json names the versions), and losses over other tokens do not compare."""
+    done = _load(result_path).get("mask_sha1")
+    if done and done != digest:
+        fail(f"{result_path} was scored on other held-out rows or masks (mask_sha1 {done[:12]}, here {digest[:12]}): "
+             "this corpus or tokenizer differs from the one it was trained on (manifest.json gives the sources' "
+             "versions); rebuild that data, or start a separate study (--results-dir and --runs-dir)")
+
+
 def _hms(s):
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -718,6 +739,7 @@ def main(argv=None):
         path = result_path(name)
         if path:
             check_same_plan(path, argv_)
+            check_same_heldout(path, heldout.digest())
             if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
                 fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
                      "to fine-tune again (pre-train it again: move that result away)")

@@ -161,6 +161,8 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     for name, r in runs_by.items():
         assert 0 < r["heldout_loss"] < 2 * math.log(vocab) and r["unigram_loss"] < math.log(vocab)
         assert r["mask_sha1"] == runs_by["no-pretraining"]["mask_sha1"]  # one mask pattern for all
+        manifest = json.load(open(corpus / "manifest.json"))["sources"]
+        assert r["source_versions"] == {k: v["version"] for k, v in manifest.items()} and len(manifest) == 3
         acc = r["tasks"]["register"]
         assert 0 <= acc["mean"] <= 1 and len(acc["per_seed"]) == 1 and acc["majority"] == pytest.approx(1 / 3)
         if name == "no-pretraining":
@@ -215,10 +217,11 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     assert "error: --only sctd@2B: no such run in this plan (no-pretraining, vanilla-15@0.5B, " in r.stderr
 
 
-def test_method_quality_precision_and_plan(repo_root, tmp_path):
+def test_method_quality_precision_and_plan(repo_root, tmp_path, capsys):
     """A config's precision is its study's: auto keeps it, or refuses up front where bf16 would
     be emulated; another precision is another study (its own result names). A finished run's
-    plan is compared without the machine-local data cache path."""
+    plan is compared without the machine-local data cache path, and its held-out digest must be
+    this data's."""
     sys.path.insert(0, os.path.join(repo_root, "bench"))
     import method_quality as mq
 
@@ -244,6 +247,14 @@ def test_method_quality_precision_and_plan(repo_root, tmp_path):
     mq.check_same_plan(str(done), ["--lr", "0.001", "--data-cache-path", "/here/cache", "--bf16"])  # the same plan
     with pytest.raises(SystemExit):
         mq.check_same_plan(str(done), ["--lr", "0.001", "--data-cache-path", "/elsewhere/cache"])
+
+    # scored on other held-out rows or masks (a corpus or tokenizer rebuilt elsewhere): not reused
+    done.write_text(json.dumps({"pretrain_args": argv, "mask_sha1": "75ee50cd870bfa24dce9d970dba93a8281ef1c68"}))
+    mq.check_same_heldout(str(done), "75ee50cd870bfa24dce9d970dba93a8281ef1c68")
+    with pytest.raises(SystemExit):
+        mq.check_same_heldout(str(done), "692872f6e405173f07204a417c13ad7879c9af62")
+    assert f"error: {done} was scored on other held-out rows or masks (mask_sha1 75ee50cd870b, here 692872f6e405)" \
+        in capsys.readouterr().err
 
 
 def test_method_quality_demo_config(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, demo_jsonl):
