@@ -735,11 +735,12 @@ def main(argv=None):
         done = _load(path).get("finetune_recipe", FIRST_RECIPE if c is CONFIGS["cpu"] else None)
         return path if done is None or done == recipe(a, c) or not a.task_dirs else None
 
+    digest = heldout.digest()
     for name, _, _, argv_, _ in runs:  # before any compute
         path = result_path(name)
         if path:
             check_same_plan(path, argv_)
-            check_same_heldout(path, heldout.digest())
+            check_same_heldout(path, digest)
             if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
                 fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
                      "to fine-tune again (pre-train it again: move that result away)")
@@ -748,16 +749,17 @@ def main(argv=None):
         if name not in names:
             fail(f"--only {name}: no such run in this plan ({', '.join(names)})")
     todo = [r for r in runs if not finished(r[0]) and (a.only is None or r[0] in a.only)]
+    todo_names = [r[0] for r in todo]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
         path = finished(name)
         if path:
             results.append(_load(path))
             print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
             continue
-        if name not in [r[0] for r in todo]:
+        if name not in todo_names:
             print(f"[{i}/{len(runs)}] {name}: not in --only, left for another sitting", flush=True)
             continue
-        left = todo[[r[0] for r in todo].index(name):]  # this run and the ones after it
+        left = todo[todo_names.index(name):]  # this run and the ones after it
         eta = "after the first run" if not overheads else "after the first pre-training run"
         if overheads and (pre_budget or not any(r[4] for r in left)):
             sec = len(left) * statistics.mean(overheads)

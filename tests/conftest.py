@@ -21,6 +21,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from megatron_effmlm.compat.cpu import cpu_bf16_error  # noqa: E402  (after the path and CUDA_VISIBLE_DEVICES)
+
+# The command line refuses --bf16 on a CPU without bf16 instructions (AVX2-only EPYCs among these machines).
+needs_cpu_bf16 = pytest.mark.skipif(cpu_bf16_error() is not None, reason="this CPU has no bf16 instructions")
+
 TEST_CACHE = os.path.join(REPO_ROOT, "data", "test_cache")
 DEMO_TOKENIZER_VOCAB = 4096
 

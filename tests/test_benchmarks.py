@@ -158,10 +158,10 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     runs_by = {r["run"]: r for r in res["runs"]}
     assert set(runs_by) == {"no-pretraining"} | {f"{m}@{b}B" for m in methods for b in ("0.5", "1")}
     vocab = 4096
+    manifest = json.load(open(corpus / "manifest.json"))["sources"]
     for name, r in runs_by.items():
         assert 0 < r["heldout_loss"] < 2 * math.log(vocab) and r["unigram_loss"] < math.log(vocab)
         assert r["mask_sha1"] == runs_by["no-pretraining"]["mask_sha1"]  # one mask pattern for all
-        manifest = json.load(open(corpus / "manifest.json"))["sources"]
         assert r["source_versions"] == {k: v["version"] for k, v in manifest.items()} and len(manifest) == 3
         acc = r["tasks"]["register"]
         assert 0 <= acc["mean"] <= 1 and len(acc["per_seed"]) == 1 and acc["majority"] == pytest.approx(1 / 3)

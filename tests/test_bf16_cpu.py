@@ -8,11 +8,10 @@ import os
 import pytest
 import torch
 
-from conftest import run_scenarios, tiny_model_args
+from conftest import needs_cpu_bf16, run_scenarios, tiny_model_args
 from precision_helpers import METHODS, batch_for, compare, loss_and_grads, tiny_model
-from megatron_effmlm.compat.cpu import cpu_bf16_error
 
-pytestmark = pytest.mark.skipif(cpu_bf16_error() is not None, reason="this CPU has no bf16 instructions")
+pytestmark = needs_cpu_bf16
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -13,12 +13,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_scenarios, tiny_model_args
-from megatron_effmlm.compat.cpu import cpu_bf16_error
+from conftest import REPO_ROOT, needs_cpu_bf16, run_scenarios, tiny_model_args
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (tests/test_gpu.py covers CUDA)")
-# the command line refuses --bf16 on a CPU without bf16 instructions (FP8 needs a 16-bit model)
-needs_cli_bf16 = pytest.mark.skipif(cpu_bf16_error() is not None, reason="this CPU has no bf16 instructions")
 
 L, H, NH = 2, 64, 4
 LAYERS = {"token-drop": 4}  # its plan needs 4 layers; every other method runs on L
@@ -133,7 +130,7 @@ def test_fp8_compiled_equals_eager(mcore_single, demo_batch, demo_tokenizer):
         assert torch.equal(g1[k], g2[k]), k
 
 
-@needs_cli_bf16
+@needs_cpu_bf16
 def test_fp8_trainer_tp2_follows_one_process(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """The trainer with --fp8-format on one process, TP=2 and TP=2 + sequence parallel (torchrun,
     gloo) from one checkpoint: each TP rank scales its own shard of every weight and
@@ -189,7 +186,7 @@ def test_fp8_flags_errors_name_the_flag(flags, message):
     assert _config_error(flags) == message
 
 
-@needs_cli_bf16
+@needs_cpu_bf16
 def test_fp8_flags_resolve_the_provider_default_recipe():
     from megatron_effmlm.arguments import parse_args
 

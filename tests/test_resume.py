@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from conftest import run_torchrun, tiny_model_args
-from megatron_effmlm.compat.cpu import cpu_bf16_error
+from conftest import needs_cpu_bf16, run_torchrun, tiny_model_args
 
 
 def _losses(png):
@@ -21,7 +20,7 @@ def _losses(png):
     ["--method", "token-drop"],  # the importance table must come back from the checkpoint
     ["--method", "random-ltd", "--ltd-start", "16", "--ltd-steps", "5"],  # schedule position
     ["--method", "3ml"],  # e_mask and the decoder
-    pytest.param(["--bf16"], marks=pytest.mark.skipif(cpu_bf16_error() is not None, reason="no CPU bf16")),
+    pytest.param(["--bf16"], marks=needs_cpu_bf16),
 ], ids=["vanilla", "token-drop", "random-ltd", "3ml", "vanilla-bf16"])  # bf16: the fp32 main parameters come back too
 def test_resume_equals_uninterrupted(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir, method):
     dc = os.path.join(test_cache_dir, "dc")
