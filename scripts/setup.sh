@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, megatron.core, megatron_effmlm, transformers, sentencepiece, nltk, mwxml, pytest, torchao" 2>/dev/null; then
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, megatron.core, megatron_effmlm, transformers, sentencepiece, nltk, mwxml, pytest, xdist, torchao" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] creating .venv and installing torch==2.13.0 (CPU), megatron-core==0.16.1 and the rest"

@@ -2,9 +2,13 @@
 
 Artifacts live under <repo>/data/test_cache (git-ignored) and are reused when present:
 delete that directory to rebuild them. Each is built in a temporary place and renamed, so an
-interrupted run never leaves a half-built artifact behind.
+interrupted run never leaves a half-built artifact behind. The suite runs in parallel workers
+(pytest-xdist, scripts/test.sh): the first worker builds the shared artifacts under a file
+lock before any test starts, the others wait and reuse them.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
@@ -39,6 +43,26 @@ def repo_root() -> str:
 def test_cache_dir() -> str:
     os.makedirs(TEST_CACHE, exist_ok=True)
     return TEST_CACHE
+
+
+@contextlib.contextmanager
+def cache_lock():
+    """Held while a shared artifact is built, so that parallel workers never build one twice."""
+    os.makedirs(TEST_CACHE, exist_ok=True)
+    with open(os.path.join(TEST_CACHE, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_artifacts(request):
+    """The demo corpus, tokenizer, Punkt parameters and token files exist before any test runs:
+    tools and benchmarks the tests start reuse them from the cache rather than racing to build."""
+    with cache_lock():
+        request.getfixturevalue("demo_data_prefix")
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +141,9 @@ def tiny_model_args(data_prefix, tokenizer_dir, cache_dir, **over):
     return out
 
 
-def run_torchrun(nproc, script_args, timeout=300, cwd=REPO_ROOT, env=None):
-    """torchrun with gloo on CPU; returns the CompletedProcess (output captured)."""
+def run_torchrun(nproc, script_args, timeout=600, cwd=REPO_ROOT, env=None):
+    """torchrun with gloo on CPU; returns the CompletedProcess (output captured). The timeout
+    only guards against a hang: the suite's parallel workers share two cores."""
     import subprocess
 
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
