@@ -2,18 +2,22 @@
 """Does each method reach vanilla's quality for less compute? Every method pre-trained to the
 same FLOP budgets, judged by one held-out MLM evaluation and by downstream fine-tuning.
 
-Preparation (once; everything under the git-ignored data/):
+Preparation (once; everything under the git-ignored data/). The cpu study's corpus takes the kernel
+docs of Debian's linux-doc-6.1 6.1.176-1 (the archive moves: a newer one is another corpus, and
+the held-out check below refuses to mix them), and its WordPiece tokenizer is committed
+(bench/results/method_quality_cpu_tokenizer, trained on that corpus with tools/train_tokenizer.py
+--tokenizer-type wordpiece --vocab-size 8192 --lowercase): training one is not deterministic
+(Hugging Face tokenizers orders the "##" alphabet and breaks ties between equally frequent
+merges in a per-process random order), and other token ids are other held-out rows:
 
-    python tools/build_corpus.py --output-dir data/corpus
-    python tools/train_tokenizer.py --input data/corpus/train.jsonl --tokenizer-type wordpiece --vocab-size 8192 \\
-        --lowercase --output-dir data/corpus/tokenizer
-    python tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-dir data/corpus/tokenizer \\
-        --output-prefix data/corpus/train --split-sentences
+    python tools/build_corpus.py --output-dir data/corpus --debian-version linux-doc-6.1=6.1.176-1
+    python tools/preprocess_data.py --input data/corpus/train.jsonl \\
+        --tokenizer-dir bench/results/method_quality_cpu_tokenizer --output-prefix data/corpus/train --split-sentences
     python tools/build_tasks.py --corpus-valid data/corpus/valid.jsonl --output-dir data/tasks
     python tools/rotten_tomatoes_to_glue.py --output-dir data/rotten_tomatoes
 
     python bench/method_quality.py --config cpu --data-path data/corpus/train_text_sentence \\
-        --tokenizer-dir data/corpus/tokenizer --heldout data/corpus/valid.jsonl \\
+        --tokenizer-dir bench/results/method_quality_cpu_tokenizer --heldout data/corpus/valid.jsonl \\
         --task-dirs data/rotten_tomatoes data/tasks/register data/tasks/era
 
 Runs: every method of METHODS at every budget, then the config's SWEEP rows (other settings of
@@ -506,6 +510,7 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
               "heldout_loss": ev["loss"], "unigram_loss": ev.get("unigram_loss"),
               "gap_to_unigram": ev.get("gap_to_unigram"), "heldout_per_source": ev.get("per_source"),
               "mask_sha1": ev["mask_sha1"], "source_versions": source_versions(a.heldout),
+              "data_libraries": data_libraries(),
               "tasks": tasks, "seeds": list(a.seeds),
               "mean_accuracy": statistics.mean(t["mean"] for t in tasks.values()) if tasks else None,
               "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "finetune_recipe": recipe(a, c),
@@ -522,6 +527,19 @@ def source_versions(heldout: str) -> dict:
     if not os.path.isfile(path):
         return {}
     return {name: src.get("version") for name, src in _load(path).get("sources", {}).items()}
+
+
+def data_libraries() -> dict:
+    """Versions of the libraries that shape the corpus text (docutils) and the vocabulary (tokenizers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for lib in ("docutils", "tokenizers"):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 def _seed_spread(tasks) -> float:
@@ -677,15 +695,20 @@ def check_same_plan(result_path, argv):
              "use another --runs-dir, or move that run away")
 
 
-def check_same_heldout(result_path, digest):
+def check_same_heldout(result_path, digest, versions=None):
     """A finished run is reused only if it was scored on these held-out rows and masks: a corpus
     or tokenizer built again elsewhere can differ (tools/build_corpus.py's Debian packages move
-    between releases; manifest.json names the versions), and losses over other tokens do not compare."""
-    done = _load(result_path).get("mask_sha1")
-    if done and done != digest:
-        fail(f"{result_path} was scored on other held-out rows or masks (mask_sha1 {done[:12]}, here {digest[:12]}): "
-             "this corpus or tokenizer differs from the one it was trained on (manifest.json gives the sources' "
-             "versions); rebuild that data, or start a separate study (--results-dir and --runs-dir)")
+    between releases; manifest.json names the versions), and losses over other tokens do not compare.
+    versions: this corpus's source versions, to name the source that moved."""
+    done = _load(result_path)
+    if done.get("mask_sha1") and done["mask_sha1"] != digest:
+        moved = [f"{k}: {v} there, {(versions or {}).get(k)} here" for k, v in done.get("source_versions", {}).items()
+                 if versions is not None and versions.get(k) != v]
+        hint = ("; ".join(moved) + "; tools/build_corpus.py --debian-version rebuilds a Debian source's version"
+                if moved else "manifest.json gives the sources' versions")
+        fail(f"{result_path} was scored on other held-out rows or masks (mask_sha1 {done['mask_sha1'][:12]}, here "
+             f"{digest[:12]}): this corpus or tokenizer differs from the one it was trained on ({hint}); rebuild "
+             "that data, or start a separate study (--results-dir and --runs-dir)")
 
 
 def _hms(s):
@@ -735,12 +758,12 @@ def main(argv=None):
         done = _load(path).get("finetune_recipe", FIRST_RECIPE if c is CONFIGS["cpu"] else None)
         return path if done is None or done == recipe(a, c) or not a.task_dirs else None
 
-    digest = heldout.digest()
+    digest, versions = heldout.digest(), source_versions(a.heldout)
     for name, _, _, argv_, _ in runs:  # before any compute
         path = result_path(name)
         if path:
             check_same_plan(path, argv_)
-            check_same_heldout(path, digest)
+            check_same_heldout(path, digest, versions)
             if not finished(name) and not os.path.isdir(os.path.join(a.runs_dir, name, "ckpt")):
                 fail(f"{path}: fine-tuned with another recipe, and its checkpoint is not in {a.runs_dir} "
                      "to fine-tune again (pre-train it again: move that result away)")

