@@ -7,6 +7,11 @@
 Writes tokenizer.json (HF tokenizers format; sentencepiece kinds also keep spm.model) and
 effmlm_tokenizer.json (kind, style, special tokens and their fixed ids). Load it with
 megatron_effmlm.data.tokenizer.EffMLMTokenizer.from_dir(output_dir).
+
+Keep the tokenizer with the data and checkpoints made with it: a WordPiece training is not
+deterministic (Hugging Face tokenizers numbers the "##" alphabet, and so breaks ties between
+equally frequent merges, in a per-process random order; the same corpus gave 262 of 8,192 ids
+in another order), while bpe and the sentencepiece kinds gave identical files twice.
 """
 
 import argparse
