@@ -81,7 +81,7 @@ def test_layout_equals_single_process(layout_results, layout):
 def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
     """Each method (4 layers, so token dropping has a drop and a restore) on one process and on
     every layout (DP=2 also checks that the importance table stays identical on both ranks:
-    the kept sets of later steps depend on it)."""
+    the kept sets of later steps depend on it). PP=2 also records what stage 1 sends."""
     tmp = tmp_path_factory.mktemp("method_layouts")
     base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
                            **{"--num-layers": 4})
@@ -90,8 +90,9 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
         init = str(tmp / f"init_{m}")
         refs[m] = {"args": base + margs, "steps": STEPS, "save_init": init}
         for lay, largs in METHOD_LAYOUTS.items():
-            if m != "vanilla":
-                scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
+            if m != "vanilla" or lay == "pp2":
+                scen[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS,
+                                      "count_p2p": lay == "pp2"}
         for lay, largs in METHOD_LAYOUTS_4.items():
             scen4[f"{m}/{lay}"] = {"args": base + margs + largs + ["--load", init], "steps": STEPS}
     # Resharding back: token dropping and 3ML (its injection stage's tied copies) saved on
@@ -115,7 +116,7 @@ def method_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_
     return ref_results, results
 
 
-CASES = [("token-drop", "pp2_split31"), ("3ml", "pp2_flops")] + \
+CASES = [("token-drop", "pp2_split31"), ("3ml", "pp2_flops"), ("vanilla", "pp2")] + \
     [(m, lay) for m in METHODS for lay in METHOD_LAYOUTS] + \
     [(m, lay) for m in list(METHODS) + ["vanilla"] for lay in METHOD_LAYOUTS_4]
 
@@ -150,15 +151,6 @@ def test_training_moves_the_loss(layout_results):
     assert len(set(losses)) == len(losses)
 
 
-@pytest.fixture(scope="module")
-def p2p_results(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
-    tmp = tmp_path_factory.mktemp("p2p")
-    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"),
-                           **{"--num-layers": 4, "--pipeline-model-parallel-size": 2})
-    scen = {m: {"args": base + a, "steps": STEPS, "count_p2p": True} for m, a in dict(METHODS, vanilla=[]).items()}
-    return run_scenarios(tmp, 2, scen, "p2p")
-
-
 def _expected_rows(method, st, step):
     """Rows stage 1 must receive before layer 2 of 4 (the carry), from the batch alone."""
     T, real, masks = st["seq"], st["real"], st["masks"]
@@ -181,10 +173,10 @@ def _expected_rows(method, st, step):
 
 
 @pytest.mark.parametrize("method", list(METHODS) + ["vanilla"])
-def test_pipeline_sends_only_the_carry(p2p_results, method):
+def test_pipeline_sends_only_the_carry(method_results, method):
     """The bytes sent from stage 1 to stage 2 per micro-batch are the carry's rows x micro-batch
     x hidden x 4 bytes: no padding back to the full length."""
-    r = p2p_results[method]
+    r = method_results[1][f"{method}/pp2"]
     stats, sends = r["batch_stats"], r["sends"]
     assert len(sends) == len(stats) == STEPS * 4  # 4 micro-batches a step
     for k, (shape, st) in enumerate(zip(sends, stats)):
