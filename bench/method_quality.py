@@ -702,7 +702,7 @@ def check_same_heldout(result_path, digest, versions=None):
     versions: this corpus's source versions, to name the source that moved."""
     done = _load(result_path)
     if done.get("mask_sha1") and done["mask_sha1"] != digest:
-        moved = [f"{k}: {v} there, {(versions or {}).get(k)} here" for k, v in done.get("source_versions", {}).items()
+        moved = [f"{k}: {v} there, {versions.get(k)} here" for k, v in done.get("source_versions", {}).items()
                  if versions is not None and versions.get(k) != v]
         hint = ("; ".join(moved) + "; tools/build_corpus.py --debian-version rebuilds a Debian source's version"
                 if moved else "manifest.json gives the sources' versions")
