@@ -8,5 +8,7 @@ bash scripts/setup.sh
 # (needs root and apt; where that is impossible those tests skip and say why).
 bash scripts/install_slurm.sh || echo "[test] could not install Slurm: tests/test_slurm.py will skip"
 # Two workers (pytest-xdist), each taking whole test files: most tests keep one core busy, and a
-# file's module fixtures (the layout runs) are then computed once. EFFMLM_TEST_WORKERS=0: one process.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 -n "${EFFMLM_TEST_WORKERS:-2}" --dist loadfile tests "$@"
+# file's module fixtures (the layout runs) are then computed once; the longest files go first
+# (tests/conftest.py: LONGEST_FILES). EFFMLM_TEST_WORKERS=0: one process.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 -n "${EFFMLM_TEST_WORKERS:-2}" --dist loadfile \
+    --no-loadscope-reorder tests "$@"

@@ -61,6 +61,18 @@ def cache_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# The files that take longest (whole-file worker seconds, longest first): the xdist workers
+# take files in collection order (scripts/test.sh: --no-loadscope-reorder), and starting with
+# the long ones keeps both workers busy to the end instead of leaving one long file for last.
+LONGEST_FILES = ["test_layouts.py", "test_hf.py", "test_benchmarks.py", "test_resume.py", "test_slurm.py",
+                 "test_bf16_cpu.py", "test_faults.py", "test_reshard.py", "test_fp8_torchao.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_artifacts(request):
     """The demo corpus, tokenizer, Punkt parameters and token files exist before any test runs:

