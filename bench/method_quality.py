@@ -771,6 +771,11 @@ def main(argv=None):
     for name in a.only or []:
         if name not in names:
             fail(f"--only {name}: no such run in this plan ({', '.join(names)})")
+    def done_so_far():
+        """Every finished run of the plan, in its order: the tables written after each run of a
+        sitting keep the runs it has not reached yet (finished in another sitting)."""
+        return [_load(p) for p in map(finished, [r[0] for r in runs]) if p]
+
     todo = [r for r in runs if not finished(r[0]) and (a.only is None or r[0] in a.only)]
     todo_names = [r[0] for r in todo]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
@@ -793,7 +798,7 @@ def main(argv=None):
         r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
         results.append(r)
         _atomic_json(os.path.join(kept_dir, f"{name}.json"), r)
-        write_outputs(a, c, results, b_flops)  # the table so far
+        write_outputs(a, c, done_so_far(), b_flops)  # the table so far
         pre = r["stage_seconds"]["pretrain"]
         overheads.append(r["seconds"] - pre)
         if budget:
@@ -807,7 +812,7 @@ def main(argv=None):
         times = stage_step_times(a, c, runs, kept_dir)
     elif c["timing_rounds"]:
         print(f"{len(runs) - len(results)} run(s) left: the time axis is measured once every run is done", flush=True)
-    stem = write_outputs(a, c, results, b_flops, times)
+    stem = write_outputs(a, c, done_so_far(), b_flops, times)
     print(f"results: {stem}.md, .json, .png")
     return 0
 
