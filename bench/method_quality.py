@@ -734,7 +734,7 @@ def main(argv=None):
     heldout = build_heldout(a.heldout, tok, seq, c["eval_sequences"])
     counts = unigram_counts(a.unigram_data, tok.vocab_size)
     runs, b_flops = plan_runs(a, c, tok.vocab_size)
-    results, t_start = [], time.time()
+    t_start = time.time()
     # ETA: each run costs a fixed part (evaluation, export, fine-tuning) plus pre-training in
     # proportion to its budget; both rates are measured on the runs of this sitting.
     overheads, pre_seconds, pre_budget = [], 0.0, 0.0
@@ -779,9 +779,7 @@ def main(argv=None):
     todo = [r for r in runs if not finished(r[0]) and (a.only is None or r[0] in a.only)]
     todo_names = [r[0] for r in todo]
     for i, (name, method, frac, argv_, budget) in enumerate(runs, 1):
-        path = finished(name)
-        if path:
-            results.append(_load(path))
+        if finished(name):
             print(f"[{i}/{len(runs)}] {name}: done before, skipped", flush=True)
             continue
         if name not in todo_names:
@@ -796,9 +794,10 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {name}: running | elapsed {_hms(time.time() - t_start)} | ETA {eta}", flush=True)
         t0 = time.time()
         r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
-        results.append(r)
         _atomic_json(os.path.join(kept_dir, f"{name}.json"), r)
-        write_outputs(a, c, done_so_far(), b_flops)  # the table so far
+        so_far = done_so_far()
+        write_outputs(a, c, so_far, b_flops)
+        print(f"[{i}/{len(runs)}] table so far: {len(so_far)} of {len(runs)} runs", flush=True)
         pre = r["stage_seconds"]["pretrain"]
         overheads.append(r["seconds"] - pre)
         if budget:
@@ -806,13 +805,13 @@ def main(argv=None):
         acc = f", mean accuracy {r['mean_accuracy']:.3f}" if r["mean_accuracy"] is not None else ""
         print(f"[{i}/{len(runs)}] {name}: held-out loss {r['heldout_loss']:.3f}{acc}, {r['train_flops']:.2e} FLOPs, "
               f"{r['train_seconds']:.0f} s training, {time.time() - t0:.0f} s in all", flush=True)
-    times = None
-    if c["timing_rounds"] and len(results) == len(runs):
+    done, times = done_so_far(), None
+    if c["timing_rounds"] and len(done) == len(runs):
         print("step times of every method, side by side (the time axis):", flush=True)
         times = stage_step_times(a, c, runs, kept_dir)
     elif c["timing_rounds"]:
-        print(f"{len(runs) - len(results)} run(s) left: the time axis is measured once every run is done", flush=True)
-    stem = write_outputs(a, c, done_so_far(), b_flops, times)
+        print(f"{len(runs) - len(done)} run(s) left: the time axis is measured once every run is done", flush=True)
+    stem = write_outputs(a, c, done, b_flops, times)
     print(f"results: {stem}.md, .json, .png")
     return 0
 

@@ -202,6 +202,7 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     third = _run(repo_root, args + ["--subprocesses", "--only", "3ml-self@0.5B"]).stdout
     assert third.count("done before, skipped") == 7 and "3ml-self@0.5B: running" in third
     assert "sctd@0.5B: not in --only, left for another sitting" in third
+    assert "table so far: 8 of 9 runs" in third  # also the finished runs later in the plan
     assert "1 run(s) left: the time axis is measured once every run is done" in third
     so_far = {r["run"] for r in json.load(open(results / "method_quality_quick.json"))["runs"]}
     assert "sctd@0.5B" not in so_far and {"3ml-self@0.5B", "token-drop@1B"} <= so_far  # kept from before
