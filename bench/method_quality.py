@@ -289,10 +289,46 @@ def _logged(path):
         f.flush()
 
 
+class Stopped(BaseException):
+    """SIGTERM (or SIGHUP) reached the bench: unwinds through the running stage, which stops its tools."""
+
+
+def _on_signal(signum, _frame):
+    raise Stopped(signum)
+
+
+def _stop_group(p, grace=60.0):
+    """Stop a stage's whole process group: torchrun forwards SIGTERM to its workers (which save and
+    exit); SIGKILL after the grace period to whatever is left (killing torchrun alone orphans them)."""
+    import signal
+
+    def kill(sig):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            pass
+
+    kill(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    kill(signal.SIGKILL)
+    p.wait()
+
+
 def _subprocess(cmd, log_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
     with open(log_path, "a") as log:
-        r = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Its own process group, so that a stopped bench (Ctrl-C, SIGTERM, scancel) can stop the
+        # tool's whole tree instead of leaving torchrun's workers training on.
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            p.wait()
+        except BaseException:
+            _stop_group(p)
+            raise
+    r = p
     if r.returncode:
         with open(log_path) as f:
             tail = f.read()[-2000:]
@@ -314,8 +350,9 @@ def stage_pretrain(a, run_dir, argv):
         if code:
             raise RuntimeError(f"pre-training exited with {code}; log {log}")
     else:
+        # --exit-signal-handler: stopped by _stop_group, the workers save before they exit
         _subprocess([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-                     "pretrain_effmlm.py", *argv], log)
+                     "pretrain_effmlm.py", *argv, "--exit-signal-handler"], log)
     s = _load(summary)
     if s["train_flops_budget"] and not s["budget_reached"]:
         raise RuntimeError(f"{run_dir}: stopped before its budget (see pretrain.log)")
@@ -817,5 +854,15 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import signal
+
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(main())
+    for _sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_sig, _on_signal)
+    try:
+        sys.exit(main())
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
+        print(f"error: stopped by {signal.Signals(signum).name}; the run in progress resumes from its last "
+              "checkpoint when the same command is run again", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)

@@ -9,14 +9,22 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 DATA=data/demo
 OUT=${OUT:-runs/demo}
-ITERS=${ITERS:-600}  # past the unigram plateau (150 steps stay on it; bf16 makes 600 cheap)
-COMPARE_STEPS=${COMPARE_STEPS:-30}
 HELDOUT_DOCS=${HELDOUT_DOCS:-6}
-FT_EXAMPLES=${FT_EXAMPLES:-2000}
 # bf16 where the CPU has bf16 instructions (avx512_bf16 / amx_bf16) or on a GPU: 1.8x the tokens/s of
 # fp32 for this model on 2 CPU cores (bench: README "Speed on CPU"); PRECISION=fp32 forces fp32.
 PRECISION=${PRECISION:-$($PY -c "import torch; from megatron_effmlm.compat.cpu import cpu_bf16_error as e; print('bf16' if torch.cuda.is_available() or not e() else 'fp32')" 2>/dev/null || echo fp32)}
 PREC_FLAG=$([ "$PRECISION" = bf16 ] && echo --bf16 || true)
+if [ "$PRECISION" = bf16 ]; then
+  ITERS=${ITERS:-600}  # past the unigram plateau (150 steps stay on it; bf16 makes 600 cheap)
+  COMPARE_STEPS=${COMPARE_STEPS:-30}
+  FT_EXAMPLES=${FT_EXAMPLES:-2000}
+else
+  # fp32 on a CPU without bf16 instructions (an AVX2-only EPYC: 2.1k tokens/s, a fifth of bf16
+  # on AVX-512): a fifth of the steps, so that the demo still ends within 10 minutes
+  ITERS=${ITERS:-120}
+  COMPARE_STEPS=${COMPARE_STEPS:-12}
+  FT_EXAMPLES=${FT_EXAMPLES:-1000}
+fi
 
 echo "== 1/6 demo corpus (the last $HELDOUT_DOCS articles held out for step 5's evaluation)"
 $PY -m megatron_effmlm.data.demo_corpus --data-dir data
@@ -44,7 +52,7 @@ $PY -m torch.distributed.run --nproc-per-node 2 pretrain_effmlm.py \
   --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 \
   --micro-batch-size 16 --global-batch-size 32 --train-iters "$ITERS" \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 \
-  --log-interval 50 --eval-interval 200 --eval-iters 4 \
+  --log-interval 50 --eval-interval $(( ITERS < 400 ? ITERS / 2 : 200 )) --eval-iters 4 \
   --save "$OUT/ckpt" --save-interval 300 --tensorboard-dir "$OUT/tensorboard" --loss-curve "$OUT/loss.png" $PREC_FLAG
 echo "== 5/6 every method at equal compute (FLOPs of $COMPARE_STEPS vanilla steps each, LR decayed at that budget),"
 echo "        judged by one held-out MLM evaluation (the same masked positions for every model)"

@@ -199,6 +199,7 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
     # a sitting that runs only some of what is left: the rest waits, and so does the time axis
     shutil.rmtree(runs / "sctd@0.5B")
     (results / "method_quality_quick_runs" / "sctd@0.5B.json").unlink()
+    _stopped_sitting_leaves_no_process(repo_root, args + ["--subprocesses", "--only", "3ml-self@0.5B"], redo)
     third = _run(repo_root, args + ["--subprocesses", "--only", "3ml-self@0.5B"]).stdout
     assert third.count("done before, skipped") == 7 and "3ml-self@0.5B: running" in third
     assert "sctd@0.5B: not in --only, left for another sitting" in third
@@ -219,6 +220,38 @@ def test_method_quality_quick_mode(repo_root, tmp_path, demo_data_prefix, demo_t
                        text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
     assert "error: --only sctd@2B: no such run in this plan (no-pretraining, vanilla-15@0.5B, " in r.stderr
+
+
+def _processes_naming(text):
+    """Live processes whose command line holds text (a run's folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _stopped_sitting_leaves_no_process(repo_root, args, run_dir):
+    """SIGTERM to the bench while torchrun pre-trains: one error line, exit 143, and nothing of
+    the run left running (torchrun's worker included)."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, *args], cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    deadline = time.time() + 120
+    while len(_processes_naming(str(run_dir))) < 2:  # torchrun and its worker
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, out + err
+    assert err.count("error:") == 1 and "error: stopped by SIGTERM; the run in progress resumes" in err, err
+    assert _processes_naming(str(run_dir)) == []
 
 
 def test_method_quality_cpu_plan_every_method(repo_root):
