@@ -163,10 +163,9 @@ def parse_args(argv=None):
 
     from megatron_effmlm.compat.cpu import cpu_bf16_error
 
-    a.precision, err = resolve_precision(a.config, c.get("precision"), a.precision,
-                                         torch.cuda.is_available() or cpu_bf16_error() is None)
-    if err:
-        fail(err)
+    # the machine check is main's, before any compute: the plan itself can be looked at anywhere
+    a.precision, a.precision_error = resolve_precision(a.config, c.get("precision"), a.precision,
+                                                       torch.cuda.is_available() or cpu_bf16_error() is None)
     # runs of another precision are another study: never skipped as if they were these
     a.tag = a.config if a.precision == c.get("precision", a.precision) else f"{a.config}_{a.precision}"
     a.runs_dir = a.runs_dir or os.path.join(REPO, "runs", f"method_quality_{a.config}_{a.precision}")
@@ -236,7 +235,8 @@ def iteration_flops(argv, vocab: int) -> float:
     from megatron_effmlm.arguments import parse_args as parse_pretrain
     from megatron_effmlm.plans.flops import iteration_flops as flops_of
 
-    cfg = parse_pretrain(argv)
+    # precision leaves the FLOPs as they are, and the trainer refuses --bf16 where the CPU lacks it
+    cfg = parse_pretrain([x for x in argv if x not in ("--bf16", "--fp16")])
     cfg.model.vocab_size = max(cfg.model.vocab_size, vocab)
     return flops_of(cfg)
 
@@ -755,6 +755,8 @@ def _hms(s):
 
 def main(argv=None):
     a, c = parse_args(argv)
+    if a.precision_error:
+        fail(a.precision_error)
     tok = check_inputs(a)
     import warnings
 
