@@ -53,6 +53,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -230,13 +231,19 @@ def common_pretrain_args(a, c):
             "--data-cache-path", os.path.join(a.runs_dir, "data_cache"), *(["--bf16"] if a.precision == "bf16" else [])]
 
 
+def parse_plan_argv(argv):
+    """A run's pretrain_effmlm.py command line as the trainer reads it, on any machine: without
+    its precision flag (the trainer refuses --bf16 where the CPU lacks bf16; FLOPs ignore it)."""
+    from megatron_effmlm.arguments import parse_args as parse_pretrain
+
+    return parse_pretrain([x for x in argv if x not in ("--bf16", "--fp16")])
+
+
 def iteration_flops(argv, vocab: int) -> float:
     """The FLOP model's cost of one iteration of a pretrain_effmlm.py command line."""
-    from megatron_effmlm.arguments import parse_args as parse_pretrain
     from megatron_effmlm.plans.flops import iteration_flops as flops_of
 
-    # precision leaves the FLOPs as they are, and the trainer refuses --bf16 where the CPU lacks it
-    cfg = parse_pretrain([x for x in argv if x not in ("--bf16", "--fp16")])
+    cfg = parse_plan_argv(argv)
     cfg.model.vocab_size = max(cfg.model.vocab_size, vocab)
     return flops_of(cfg)
 
@@ -300,7 +307,6 @@ def _on_signal(signum, _frame):
 def _stop_group(p, grace=60.0):
     """Stop a stage's whole process group: torchrun forwards SIGTERM to its workers (which save and
     exit); SIGKILL after the grace period to whatever is left (killing torchrun alone orphans them)."""
-    import signal
 
     def kill(sig):
         try:
@@ -328,11 +334,10 @@ def _subprocess(cmd, log_path):
         except BaseException:
             _stop_group(p)
             raise
-    r = p
-    if r.returncode:
+    if p.returncode:
         with open(log_path) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited with {r.returncode}; log {log_path}:\n{tail}")
+        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited with {p.returncode}; log {log_path}:\n{tail}")
 
 
 def stage_pretrain(a, run_dir, argv):
@@ -856,8 +861,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import signal
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     for _sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(_sig, _on_signal)

@@ -260,7 +260,6 @@ def test_method_quality_cpu_plan_every_method(repo_root):
     quick test above pre-trains four of them)."""
     sys.path.insert(0, os.path.join(repo_root, "bench"))
     import method_quality as mq
-    from megatron_effmlm.arguments import parse_args as parse
 
     a, c = mq.parse_args(["--config", "cpu", "--data-path", "d", "--tokenizer-dir", "t", "--heldout", "h"])
     runs, b_flops = mq.plan_runs(a, c, 8192)
@@ -273,9 +272,9 @@ def test_method_quality_cpu_plan_every_method(repo_root):
             "token-drop": "token-drop", "sctd": "sctd", "random-ltd": "random-ltd", "3ml-self-mask30": "3ml",
             "3ml-self-dec1": "3ml", "token-drop-keep70": "token-drop", "3ml-td": "3ml-td"}
     assert set(kind) == set(mq.ALL_METHODS)
-    def parse_pretrain(argv):  # the trainer refuses --bf16 where the CPU lacks bf16: parse the rest anywhere
+    def parse_pretrain(argv):  # every run pre-trains in bf16; the rest parses on any machine
         assert argv.count("--bf16") == 1
-        return parse(argv[:argv.index("--bf16")] + argv[argv.index("--bf16") + 1:])
+        return mq.parse_plan_argv(argv)
 
     for name, method, frac, argv, budget in runs[1:]:
         cfg = parse_pretrain(argv)
