@@ -366,3 +366,54 @@ def test_method_quality_demo_config(repo_root, tmp_path, demo_data_prefix, demo_
         assert r["mean_accuracy"] is None and r["finetune_recipe"] is None and 0 < r["heldout_loss"] < 20
         assert not os.path.exists(tmp_path / "runs" / r["run"] / "hf")  # nothing exported
     assert "One budget: no compute-to-reach table" in (tmp_path / "method_quality_demo.md").read_text()
+
+
+def test_context_probe_quick_mode(repo_root, tmp_path):
+    """Every run starts at the uniform loss over the same W + 1 logits (ours and plain PyTorch
+    alike), writes its result and curve; a rerun skips them; a changed configuration or an
+    unknown run is one error line."""
+    args = ["bench/context_probe.py", "--quick", "--results-dir", str(tmp_path), "--tag", "quick"]
+    _run(repo_root, args)
+    res = json.load(open(tmp_path / "context_probe_quick.json"))
+    sys.path.insert(0, os.path.join(repo_root, "bench"))
+    import context_probe
+
+    assert list(res["runs"]) == list(context_probe.RUNS)
+    for name, r in res["runs"].items():
+        assert [s for s, _ in r["curve"]] == [0, 2, 4], name
+        assert abs(r["curve"][0][1] - math.log(21)) < 0.15, (name, r["curve"][0])
+        assert r["unigram"] == pytest.approx(math.log(20)) and r["config"]["train_iters"] == 4
+    assert (tmp_path / "context_probe_quick.png").stat().st_size > 0
+    run_files = sorted((tmp_path / "context_probe_quick_runs").iterdir())
+    assert len(run_files) == 8
+    before = {p: p.stat().st_mtime_ns for p in run_files}
+    r = _run(repo_root, args)
+    assert r.stdout.count("skipped") == 8 and {p: p.stat().st_mtime_ns for p in run_files} == before
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    bad = subprocess.run([sys.executable, *args, "--runs", "ours/bogus"], cwd=repo_root, capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1
+    assert "error: --runs: 'ours/bogus' is not a run of this probe" in bad.stderr
+    other = subprocess.run([sys.executable, *args, "--runs", "torch/vanilla/default-init", "--mask-prob", "0.3"],
+                           cwd=repo_root, capture_output=True, text=True, env=env)
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'context_probe_quick_runs' / 'torch_vanilla_default-init.json'} was run with another configuration; give another --tag or --results-dir"]
+
+
+def test_context_probe_batches_are_pairs():
+    """Each row is words written twice in a row from phase 0 or 1: a masked word's partner holds it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import torch
+
+    import context_probe
+
+    a = context_probe.parse_args(["--quick"])
+    ids, masked = context_probe.make_batch(a, torch.Generator().manual_seed(0))
+    assert ids.shape == masked.shape == (a.micro_batch_size, a.seq_length) and int(ids.max()) < a.words
+    phases = set()
+    for row in ids:
+        p = 0 if bool((row[0::2] == row[1::2]).all()) else 1
+        assert bool((row[p:-1:2] == row[p + 1::2]).all()), row
+        phases.add(p)
+    assert phases == {0, 1}
