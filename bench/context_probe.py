@@ -48,6 +48,7 @@ RUNS = {
     "torch/vanilla/std0.02": ("torch", "vanilla", 0.02, None),
     "torch/3ml/default-init": ("torch", "3ml", None, None),
     "torch/3ml-no-encoder/default-init": ("torch", "3ml", None, 0),
+    "torch/3ml-1-encoder-layer/default-init": ("torch", "3ml", None, 1),
 }
 
 

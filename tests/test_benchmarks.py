@@ -385,10 +385,10 @@ def test_context_probe_quick_mode(repo_root, tmp_path):
         assert r["unigram"] == pytest.approx(math.log(20)) and r["config"]["train_iters"] == 4
     assert (tmp_path / "context_probe_quick.png").stat().st_size > 0
     run_files = sorted((tmp_path / "context_probe_quick_runs").iterdir())
-    assert len(run_files) == 8
+    assert len(run_files) == len(context_probe.RUNS)
     before = {p: p.stat().st_mtime_ns for p in run_files}
     r = _run(repo_root, args)
-    assert r.stdout.count("skipped") == 8 and {p: p.stat().st_mtime_ns for p in run_files} == before
+    assert r.stdout.count("skipped") == len(context_probe.RUNS) and {p: p.stat().st_mtime_ns for p in run_files} == before
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     bad = subprocess.run([sys.executable, *args, "--runs", "ours/bogus"], cwd=repo_root, capture_output=True,

@@ -31,6 +31,7 @@ CASES = [  # script, a flag, the default its help line must show
     ("tools/build_corpus.py", "--output-dir", "data/corpus"),
     ("tools/build_tasks.py", "--output-dir", "data/tasks"),
     ("tools/eval_mlm.py", "--num-sequences", "512"),
+    ("bench/context_probe.py", "--train-iters", "800"),
 ]
 
 
