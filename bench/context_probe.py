@@ -251,19 +251,23 @@ def main(argv=None):
     run_dir = os.path.join(a.results_dir, f"context_probe_{a.tag}_runs")
     os.makedirs(run_dir, exist_ok=True)
     config = config_of(a)
-    results = {}
-    for i, name in enumerate(a.runs):
-        path = os.path.join(run_dir, name.replace("/", "_") + ".json")
+    paths = {name: os.path.join(run_dir, name.replace("/", "_") + ".json") for name in a.runs}
+    done = {}
+    for name, path in paths.items():  # every finished run checked before any training
         if os.path.exists(path):
             with open(path) as f:
-                r = json.load(f)
-            if r["config"] == config:
-                log(f"[{i + 1}/{len(a.runs)}] {name}: done before ({path}), skipped")
-                results[name] = r
-                continue
-            print(f"error: {path} was run with another configuration; give another --tag or --results-dir",
-                  file=sys.stderr)
-            return 2
+                done[name] = json.load(f)
+            if done[name]["config"] != config:
+                print(f"error: {path} was run with another configuration; give another --tag or --results-dir",
+                      file=sys.stderr)
+                return 2
+    results = {}
+    for i, name in enumerate(a.runs):
+        path = paths[name]
+        if name in done:
+            log(f"[{i + 1}/{len(a.runs)}] {name}: done before ({path}), skipped")
+            results[name] = done[name]
+            continue
         log(f"[{i + 1}/{len(a.runs)}] {name}")
         r = train(a, name, log)
         r["config"], r["device"], r["git"] = config, benchlib.device_name(), benchlib.git_state()

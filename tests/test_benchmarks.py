@@ -395,10 +395,15 @@ def test_context_probe_quick_mode(repo_root, tmp_path):
                          text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1
     assert "error: --runs: 'ours/bogus' is not a run of this probe" in bad.stderr
-    other = subprocess.run([sys.executable, *args, "--runs", "torch/vanilla/default-init", "--mask-prob", "0.3"],
-                           cwd=repo_root, capture_output=True, text=True, env=env)
+    # checked before any training: the missing first run is not trained when a later one mismatches
+    runs_dir = tmp_path / "context_probe_quick_runs"
+    (runs_dir / "torch_3ml_default-init.json").unlink()
+    other = subprocess.run([sys.executable, *args, "--runs", "torch/3ml/default-init,torch/vanilla/default-init",
+                            "--mask-prob", "0.3"], cwd=repo_root, capture_output=True, text=True, env=env)
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'context_probe_quick_runs' / 'torch_vanilla_default-init.json'} was run with another configuration; give another --tag or --results-dir"]
+        f"error: {runs_dir / 'torch_vanilla_default-init.json'} was run with another configuration; "
+        "give another --tag or --results-dir"]
+    assert not (runs_dir / "torch_3ml_default-init.json").exists() and "torch/3ml" not in other.stdout
 
 
 def test_context_probe_batches_are_pairs():
