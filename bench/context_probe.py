@@ -8,7 +8,7 @@ left/right ambiguity. The 3ML rows of the method-quality study stay near unigram
 this probe separates "our code" from "the method at this size":
 
 - `ours/...`: the project's MLMModel (megatron-core layers) run by the method's policy through
-  the plan engine, built as the trainer builds it, `--init-method-std` as given.
+  the plan engine (MLMModel assembled from its config and layer spec), `--init-method-std` as given.
 - `torch/...`: an independent plain-PyTorch pre-LN encoder (`nn.TransformerEncoderLayer`; 3ML by
   gathering the unmasked tokens and scattering them over `e_mask + P[pos]`), no megatron-core,
   PyTorch's default initialisation or the normal(0, std) one megatron-core uses.
