@@ -248,9 +248,32 @@ def bench_logger():
     return log
 
 
+def write_text(path: str, text: str) -> None:
+    """Write `path` atomically: a reader sees the old file or the whole new one, never a part."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def save_figure(fig, stem: str, dpi: int = 110) -> str:
+    """<stem>.png, written atomically; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = f"{stem}.png.tmp.{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, stem + ".png")
+    plt.close(fig)
+    return stem + ".png"
+
+
 def write_tables(results_dir: str, name: str, res: dict, md: str):
     """<name>.json and <name>.md in results_dir, each written atomically; returns the path stem
-    (for the PNG beside them) and pyplot on the Agg backend."""
+    (for the PNG beside them, save_figure) and pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,8 +281,6 @@ def write_tables(results_dir: str, name: str, res: dict, md: str):
 
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, name)
-    for ext, text in ((".json", json.dumps(res, indent=2)), (".md", md)):
-        with open(stem + ext + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(stem + ext + ".tmp", stem + ext)
+    write_json(stem + ".json", res)
+    write_text(stem + ".md", md)
     return stem, plt

@@ -8,7 +8,7 @@ left/right ambiguity. The 3ML rows of the method-quality study stay near unigram
 this probe separates "our code" from "the method at this size":
 
 - `ours/...`: the project's MLMModel (megatron-core layers) run by the method's policy through
-  the plan engine (MLMModel assembled from its config and layer spec), `--init-method-std` as given.
+  the plan engine (built by the trainer's build_model, without the DDP wrapper), `--init-method-std` as given.
 - `torch/...`: an independent plain-PyTorch pre-LN encoder (`nn.TransformerEncoderLayer`; 3ML by
   gathering the unmasked tokens and scattering them over `e_mask + P[pos]`), no megatron-core,
   PyTorch's default initialisation or the normal(0, std) one megatron-core uses.
@@ -168,9 +168,7 @@ def ours_run(a, method, std):
 
     initialize_distributed(seed=a.seed)
     from megatron_effmlm.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from megatron_effmlm.model.builder import build_transformer_config, decoder_spec
-    from megatron_effmlm.model.mlm_model import MLMModel
-    from megatron_effmlm.model.specs import get_layer_spec
+    from megatron_effmlm.model.builder import build_model, build_transformer_config
     from megatron_effmlm.plans import get_policy
 
     torch.manual_seed(a.seed)
@@ -180,8 +178,7 @@ def ours_run(a, method, std):
                       decoder_layers=dec, transformer_impl="local", init_method_std=std,
                       make_vocab_size_divisible_by=1)  # the same W + 1 logits as the torch model
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig())
-    model = MLMModel(tc, get_layer_spec("local", a.num_layers)[0], cfg.padded_vocab_size(), a.seq_length,
-                     decoder_layers=dec, decoder_layer_spec=decoder_spec(cfg) if dec else None)
+    model = build_model(cfg, ParallelConfig(), tc, wrap_ddp=False)[0]  # as the trainer builds it, less DDP
     tokenizer = types.SimpleNamespace(mask=a.words)
     policy = get_policy(method, tokenizer=tokenizer, num_layers=a.num_layers,
                         **(dict(decoder_layers=dec, decoder_type="self") if dec else {}))
@@ -271,9 +268,7 @@ def main(argv=None):
         log(f"[{i + 1}/{len(a.runs)}] {name}")
         r = train(a, name, log)
         r["config"], r["device"], r["git"] = config, benchlib.device_name(), benchlib.git_state()
-        with open(path + ".tmp", "w") as f:
-            json.dump(r, f, indent=2)
-        os.replace(path + ".tmp", path)
+        benchlib.write_json(path, r)
         results[name] = r
     report(a, results, log)
     return 0
@@ -305,8 +300,7 @@ def report(a, results, log):
     ax.set_title("neighbour-copy probe: does the model use context?")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(stem + ".png.tmp.png", dpi=120)
-    os.replace(stem + ".png.tmp.png", stem + ".png")
+    benchlib.save_figure(fig, stem, dpi=120)
     print(md)
     log(f"wrote {stem}.md/.json/.png")
 

@@ -335,7 +335,7 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    from benchlib import write_tables
+    from benchlib import save_figure, write_tables
 
     stem, plt = write_tables(a.results_dir, f"gpu_throughput_{tag}", res, markdown(res))
     groups = [(s, p) for s in a.shapes for p in sorted({r["precision"] for r in res["rows"]})]
@@ -351,9 +351,7 @@ def write_outputs(a, res, tag):
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.suptitle(f"{res['device']} | {res['date']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem + ".tmp.png", dpi=110)
-    os.replace(stem + ".tmp.png", stem + ".png")
-    plt.close(fig)
+    save_figure(fig, stem)
     return [stem + e for e in (".json", ".md", ".png")]
 
 

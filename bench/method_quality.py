@@ -643,7 +643,7 @@ def _ratio(cell):
 
 
 def write_outputs(a, c, results, b_flops, times=None):
-    from benchlib import write_tables  # bench/ is on the path when run as a script
+    from benchlib import save_figure, write_tables  # bench/ is on the path when run as a script
 
     per_iter = (times or {}).get("seconds_per_iteration", {})
     for r in results:  # the time axis: iterations x the method's step time measured side by side
@@ -721,7 +721,7 @@ def write_outputs(a, c, results, b_flops, times=None):
         row[0].legend(fontsize=7)
     fig.suptitle(f"Method quality at equal compute ({a.config})")
     fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=110)
+    save_figure(fig, stem)
     return stem
 
 

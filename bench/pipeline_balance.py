@@ -8,9 +8,9 @@ so its efficiency is (m * mean stage work) / ((m + p - 1) * max stage work).
     python bench/pipeline_balance.py --num-layers 24 --hidden-size 1024 --pp 8 --micro-batches 32
 """
 import argparse
-import json
 import os
 
+from benchlib import save_figure, write_json
 from megatron_effmlm.model.flops import Shape
 from megatron_effmlm.parallel.balance import pipeline_efficiency, split_by_flops, stage_loads
 from megatron_effmlm.plans import POLICIES
@@ -53,7 +53,7 @@ def main():
               f"{r['max_over_mean']:>8.3f} {r['efficiency']:>9.3f} {1 - r['efficiency']:>7.3f}")
     os.makedirs(a.out, exist_ok=True)
     tag = f"pipeline_balance_L{L}_pp{a.pp}"
-    json.dump({"config": vars(a), "rows": rows}, open(os.path.join(a.out, tag + ".json"), "w"), indent=1)
+    write_json(os.path.join(a.out, tag + ".json"), {"config": vars(a), "rows": rows}, indent=1)
 
     import matplotlib
 
@@ -72,8 +72,7 @@ def main():
     axes[0].set_ylabel("forward GFLOPs / sequence")
     fig.suptitle(f"Per-stage work, L={L}, T={a.seq_length}, PP={a.pp}")
     fig.tight_layout()
-    png = os.path.join(a.out, tag + ".png")
-    fig.savefig(png, dpi=110)
+    png = save_figure(fig, os.path.join(a.out, tag))
     print(f"results: {os.path.join(a.out, tag + '.json')}, {png}")
 
 

@@ -124,7 +124,7 @@ def markdown(res):
 
 
 def write_outputs(a, res, tag):
-    from benchlib import write_tables
+    from benchlib import save_figure, write_tables
 
     stem, plt = write_tables(a.results_dir, f"preprocess_{tag}", res, markdown(res))
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -141,9 +141,7 @@ def write_outputs(a, res, tag):
     ax.set_title(f"preprocessing throughput ({res['cpu_count']} cores; dotted: linear scaling)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem + ".tmp.png", dpi=110)
-    os.replace(stem + ".tmp.png", stem + ".png")
-    plt.close(fig)
+    save_figure(fig, stem)
     return [stem + e for e in (".json", ".md", ".png")]
 
 

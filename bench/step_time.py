@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from megatron_effmlm.plans import POLICIES  # noqa: E402
 from benchlib import (BASELINE, Runner, bench_logger, build_data, device_name, device_tag, fmt, git_state,  # noqa: E402
-                      masking_of, policy_of, predicted_flops, sync, write_tables)
+                      masking_of, policy_of, predicted_flops, save_figure, sync, write_tables)
 
 # The methods in table order: every registered policy. "sctd" is ScTD's plain (token-dropping)
 # step, "sctd-consistency" its every-F-th step with the second, full pass; "megatron-bert" is
@@ -343,9 +343,7 @@ def write_outputs(a, res, log):
     fig.suptitle(f"{res['device']}  |  L={c['num_layers']} d={c['hidden_size']} T={c['seq_length']} "
                  f"b={c['micro_batch_size']} V={c['model_vocab_padded']} {'/'.join(res['precisions'])}  |  {res['date']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem + ".png.tmp.png", dpi=120)
-    os.replace(stem + ".png.tmp.png", stem + ".png")
-    plt.close(fig)
+    save_figure(fig, stem, dpi=120)
     return [stem + ext for ext in (".json", ".md", ".png")]
 
 
