@@ -146,6 +146,10 @@ def check_outputs(a) -> None:
                                ("--loss-curve", a.loss_curve, False)):
         if path:
             check_writable(flag, path, is_dir)
+    # Its data goes to <stem>.json: another extension (say .json) would have the two overwrite each other.
+    if a.loss_curve and not a.loss_curve.lower().endswith(".png"):
+        raise ConfigError(f"--loss-curve {a.loss_curve}: give a .png file name (the curve's data is written "
+                          f"beside it as .json)")
 
 
 def check_writable(flag: str, path: str, is_dir: bool) -> None:

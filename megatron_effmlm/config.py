@@ -311,7 +311,8 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = opt(None)
     seed: int = opt(1234)
     exit_interval: int = opt(0, "stop (after saving) at an iteration multiple of this", check=non_negative)
-    loss_curve: Optional[str] = opt(None, "write the loss curve as a PNG here (at the end and at each save)")
+    loss_curve: Optional[str] = opt(
+        None, "write the loss curve as a PNG here, its data beside it as .json (at the end and at each save)")
     train_flops_budget: Optional[float] = opt(
         None, "stop once the model FLOPs of training (FLOP model, fwd + bwd) reach this. The LR schedule is then "
         "laid out over the budget, not over --train-iters: its position is the fraction of the budget spent, "

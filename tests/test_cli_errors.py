@@ -350,6 +350,8 @@ def test_unwritable_outputs_fail_before_training(tmp_path, readonly_dir):
     assert _config_error(["--loss-curve", str(readonly_dir / "loss.png")]).startswith(
         f"--loss-curve {readonly_dir / 'loss.png'}: cannot write in {readonly_dir} (")
     assert _config_error(["--loss-curve", str(tmp_path)]) == f"--loss-curve {tmp_path}: is a directory (give a file name)"
+    assert _config_error(["--loss-curve", str(tmp_path / "loss.json")]) == (
+        f"--loss-curve {tmp_path / 'loss.json'}: give a .png file name (the curve's data is written beside it as .json)")
     assert afile.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["afile", "ro"]  # no probe file left behind
 

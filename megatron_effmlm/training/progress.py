@@ -83,8 +83,10 @@ class Progress:
         fig.savefig(png_path + ".tmp.png", dpi=110)
         os.replace(png_path + ".tmp.png", png_path)
         plt.close(fig)
-        with open(os.path.splitext(png_path)[0] + ".json", "w") as f:
+        data = os.path.splitext(png_path)[0] + ".json"
+        with open(data + ".tmp", "w") as f:
             json.dump(self.history, f)
+        os.replace(data + ".tmp", data)
 
     def close(self):
         if self.writer:
