@@ -32,6 +32,7 @@ CASES = [  # script, a flag, the default its help line must show
     ("tools/build_tasks.py", "--output-dir", "data/tasks"),
     ("tools/eval_mlm.py", "--num-sequences", "512"),
     ("bench/context_probe.py", "--train-iters", "800"),
+    ("tools/plot_loss_curves.py", "--title", "MLM loss"),
 ]
 
 
