@@ -36,6 +36,8 @@ def budget_runs(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cac
         "--lr-decay-style": "cosine", "--train-flops-budget": f"{budget:.6e}"})
     scenarios = {m: {"train": True, "args": flags + ["--summary-json", str(tmp / f"{m}.json")]}
                  for m, flags in METHODS.items()}
+    # stopped early by --exit-interval: the run says so, not that --train-iters stopped it
+    scenarios["exit-early"] = {"train": True, "args": ["--exit-interval", "2", "--summary-json", str(tmp / "exit.json")]}
     spec, out = tmp / "spec.json", tmp / "out.json"
     spec.write_text(json.dumps({"common": common, "scenarios": scenarios}))
     r = run_torchrun(1, ["tests/dist_worker.py", str(spec), str(out)], timeout=600)
@@ -50,7 +52,9 @@ def budget_runs(tmp_path_factory, demo_data_prefix, demo_tokenizer_dir, test_cac
             lrs.append(current)
             current = []
     results = json.loads(out.read_text())
-    return {m: (results[m]["summary"], lr) for m, lr in zip(METHODS, lrs)}, budget
+    runs = {m: (results[m]["summary"], lr) for m, lr in zip(METHODS, lrs)}
+    runs["exit-early"] = (results["exit-early"]["summary"], lrs[len(METHODS)], r.stdout)
+    return runs, budget
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -64,6 +68,15 @@ def test_last_step_lr_is_min_lr(budget_runs, method):
     assert max(lrs[:-1]) > 10 * MIN_LR  # it decayed to the minimum, it did not sit there
     assert s["tokens_seen"] == s["iterations"] * 8 * 64 or s["tokens_seen"] <= s["iterations"] * 8 * 64
     assert s["tokens_seen"] > 0 and s["train_seconds"] > 0
+
+
+def test_a_run_stopped_before_its_budget_says_what_stopped_it(budget_runs):
+    runs, budget = budget_runs
+    s, lrs, stdout = runs["exit-early"]
+    assert s["iterations"] == len(lrs) == 2 and not s["budget_reached"] and s["final_lr"] > 10 * MIN_LR
+    warnings = [line for line in stdout.splitlines() if line.startswith("warning: stopped")]
+    assert warnings == [f"warning: stopped at iteration 2 (by --exit-interval 2) before --train-flops-budget "
+                        f"{budget:.3e}: the schedule is not fully decayed"]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

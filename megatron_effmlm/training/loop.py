@@ -390,7 +390,9 @@ class Trainer:
         print(f"finished at iteration {self.iteration}: {self.train_flops:.4e} training FLOPs (FLOP model), "
               f"{self.tokens_seen:,.0f} tokens seen, {self.train_seconds:.1f} s of training, lr {lr:.3e}", flush=True)
         if t.train_flops_budget and not budget_reached and self.exit_code == EXIT_OK:
-            print(f"warning: stopped at --train-iters {t.train_iters} before --train-flops-budget "
+            by_exit = every(t.exit_interval, self.iteration) and self.iteration < t.train_iters
+            where = f"--exit-interval {t.exit_interval}" if by_exit else f"--train-iters {t.train_iters}"
+            print(f"warning: stopped at iteration {self.iteration} (by {where}) before --train-flops-budget "
                   f"{t.train_flops_budget:.3e}: the schedule is not fully decayed", flush=True)
         if not t.summary_json:
             return
