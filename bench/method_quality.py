@@ -321,6 +321,30 @@ def _stop_group(p, grace=60.0):
         pass
     kill(signal.SIGKILL)
     p.wait()
+    # p.wait() waits for torchrun only: its killed workers may still be exiting; the bench must
+    # not return (and a rerun start) while one of them still runs.
+    deadline = time.time() + 30
+    while _group_running(p.pid) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _group_running(pgid) -> bool:
+    """Whether a process of group pgid still runs (zombies, awaiting their reaper, do not count)."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in "ZX":
+            return True
+    return False
 
 
 def _subprocess(cmd, log_path):
