@@ -46,9 +46,11 @@ def build_shape_group(timeout=None) -> None:
             _SHAPE_GROUP = g
 
 
-def destroy_shape_group() -> None:
+def destroy_shape_group() -> Optional[dist.ProcessGroup]:
+    """Forget the shape group; returns it (or None) so that the caller can shut it down."""
     global _SHAPE_GROUP
-    _SHAPE_GROUP = None
+    g, _SHAPE_GROUP = _SHAPE_GROUP, None
+    return g
 
 
 class LiveTokenP2PCommunicator(P2PCommunicator):
