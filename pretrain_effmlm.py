@@ -74,11 +74,11 @@ def _report_exit_code(code: int):
     the real one (75: requeue) from this file, which local rank 0 of each node writes."""
     import os
 
+    from megatron_effmlm.atomic import write_text
+
     path = os.environ.get("EFFMLM_EXIT_CODE_FILE")
     if path and os.environ.get("LOCAL_RANK", "0") == "0":
-        with open(path + ".tmp", "w") as f:
-            f.write(f"{code}\n")
-        os.replace(path + ".tmp", path)
+        write_text(path, f"{code}\n")
 
 
 if __name__ == "__main__":

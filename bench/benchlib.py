@@ -5,7 +5,6 @@ imports it (bench/ is on the path when a script runs)."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -20,6 +19,8 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from megatron_effmlm import atomic  # noqa: E402
+from megatron_effmlm.atomic import write_json, write_text  # noqa: E402,F401  (the benchmarks import them from here)
 from megatron_effmlm.plans import POLICIES  # noqa: E402
 
 BASELINE = "megatron-bert"  # megatron-core's BertModel, Megatron-LM's pretrain_bert step
@@ -81,8 +82,8 @@ def corpus_and_tokenizer(a, log):
     own_dump = os.path.join(a.data_dir, "cache", DUMP_NAME)
     if not os.path.isfile(own_dump) and os.path.isfile(shared_dump):
         os.makedirs(os.path.dirname(own_dump), exist_ok=True)
-        shutil.copyfile(shared_dump, own_dump + ".tmp")
-        os.replace(own_dump + ".tmp", own_dump)
+        with atomic.atomic_path(own_dump) as tmp:
+            shutil.copyfile(shared_dump, tmp)
     jsonl = get_demo_corpus(a.data_dir)
 
     tok_dir = os.path.join(a.data_dir, f"tokenizer_wordpiece_{a.tokenizer_vocab}")
@@ -248,27 +249,9 @@ def bench_logger():
     return log
 
 
-def write_text(path: str, text: str) -> None:
-    """Write `path` atomically: a reader sees the old file or the whole new one, never a part."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj, indent: int = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent))
-
-
 def save_figure(fig, stem: str, dpi: int = 110) -> str:
     """<stem>.png, written atomically; closes the figure."""
-    import matplotlib.pyplot as plt
-
-    tmp = f"{stem}.png.tmp.{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, stem + ".png")
-    plt.close(fig)
-    return stem + ".png"
+    return atomic.save_figure(fig, stem + ".png", dpi)
 
 
 def write_tables(results_dir: str, name: str, res: dict, md: str):
@@ -281,6 +264,6 @@ def write_tables(results_dir: str, name: str, res: dict, md: str):
 
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, name)
-    write_json(stem + ".json", res)
+    write_json(stem + ".json", res, indent=2)
     write_text(stem + ".md", md)
     return stem, plt

@@ -63,6 +63,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.atomic import write_json  # noqa: E402
 from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
 
 # name: pretrain_effmlm.py flags. The papers' defaults (3ML 50% masking, 2 decoder layers;
@@ -276,13 +277,6 @@ def plan_runs(a, c, vocab: int):
     return runs, b_flops
 
 
-def _atomic_json(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -402,7 +396,7 @@ def stage_eval(a, c, run_dir, tok, heldout, counts):
                 r = evaluate_checkpoint(ckpt, heldout, tok, counts)
         finally:
             destroy()
-        _atomic_json(out, {"data": os.path.abspath(a.heldout), "results": [r]})
+        write_json(out, {"data": os.path.abspath(a.heldout), "results": [r]})
     else:
         _subprocess([sys.executable, "tools/eval_mlm.py", "--checkpoint", ckpt, "--data", a.heldout,
                      "--tokenizer-dir", a.tokenizer_dir, "--unigram-data", a.unigram_data,
@@ -465,7 +459,7 @@ def stage_finetune(a, c, run_dir, hf, task_dir):
         with _logged(log):
             r = finetune(hf, task_dir, "sst2", a.seeds, ft["epochs"], ft["lr"], ft["batch_size"], ft["max_length"],
                          0.1, 0.01, ft["max_train_examples"], 50)
-        _atomic_json(out, r)
+        write_json(out, r)
     else:
         cmd = [sys.executable, "tools/finetune.py", "--model-dir", hf, "--data-dir", task_dir, "--task", "sst2",
                "--seeds", *map(str, a.seeds), "--epochs", str(ft["epochs"]), "--lr", str(ft["lr"]),
@@ -544,7 +538,7 @@ def stage_step_times(a, c, runs, kept_dir):
             print(f"  timing {method} (round {rnd + 1}/{rounds}): {per_iter * 1e3:.1f} ms/iteration", flush=True)
     res = {"seconds_per_iteration": best, "timing_iters": [short, long_], "precision": a.precision,
            "nproc": a.nproc}
-    _atomic_json(path, res)
+    write_json(path, res)
     return res
 
 
@@ -582,7 +576,7 @@ def run_one(a, c, name, method, frac, argv, budget, tok, heldout, counts):
               "mean_accuracy_std": _seed_spread(tasks), "pretrain_args": argv, "finetune_recipe": recipe(a, c),
               "seconds": round(time.time() - t0, 2),
               "stage_seconds": clock}
-    _atomic_json(os.path.join(run_dir, "result.json"), result)
+    write_json(os.path.join(run_dir, "result.json"), result)
     return result
 
 
@@ -862,7 +856,7 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {name}: running | elapsed {_hms(time.time() - t_start)} | ETA {eta}", flush=True)
         t0 = time.time()
         r = run_one(a, c, name, method, frac, argv_, budget, tok, heldout, counts)
-        _atomic_json(os.path.join(kept_dir, f"{name}.json"), r)
+        write_json(os.path.join(kept_dir, f"{name}.json"), r)
         so_far = done_so_far()
         write_outputs(a, c, so_far, b_flops)
         print(f"[{i}/{len(runs)}] table so far: {len(so_far)} of {len(runs)} runs", flush=True)

@@ -14,7 +14,6 @@ source, and the unigram baseline (add-one smoothed token frequencies of --unigra
 same positions.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.atomic import write_json  # noqa: E402
 from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
 
 
@@ -73,10 +73,7 @@ def main(argv=None):
         destroy()
     if a.output:
         os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-        tmp = f"{a.output}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"data": os.path.abspath(a.data), "results": results}, f, indent=1)
-        os.replace(tmp, a.output)
+        write_json(a.output, {"data": os.path.abspath(a.data), "results": results})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Reports dev accuracy (F1 for MRPC/QQP, Matthews correlation for CoLA) per seed a
 next to the majority-class baseline.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -42,15 +41,13 @@ def main(argv=None):
     from megatron_effmlm.cli import quiet_dependencies
 
     quiet_dependencies()
+    from megatron_effmlm.atomic import write_json
     from megatron_effmlm.hf.finetune import finetune
 
     r = finetune(a.model_dir, a.data_dir, a.task, a.seeds, a.epochs, a.lr, a.batch_size, a.max_length, a.warmup,
                  a.weight_decay, a.max_train_examples, a.log_interval)
     if a.output:
-        tmp = a.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f, indent=2)
-        os.replace(tmp, a.output)
+        write_json(a.output, r, indent=2)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,11 @@ def parse_hline(spec):
 
 def side_by_side(curves):
     """Markdown rows of the validation loss at the iterations every curve evaluated."""
-    common = sorted(set.intersection(*(set(i for i, _ in c["valid"]) for c in curves.values())))
+    valid = [dict(c["valid"]) for c in curves.values()]
+    common = sorted(set.intersection(*(set(v) for v in valid)))
     lines = ["| iteration | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
     for it in common:
-        vals = [dict(c["valid"])[it] for c in curves.values()]
+        vals = [v[it] for v in valid]
         lines.append(f"| {it} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
     return lines
 
@@ -96,6 +97,8 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_effmlm.atomic import save_figure
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for n, (label, c) in enumerate(curves.items()):
         colour = f"C{n}"
@@ -112,10 +115,7 @@ def main(argv=None):
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-    tmp = f"{a.output}.tmp.{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, a.output)
-    plt.close(fig)
+    save_figure(fig, a.output)
     if any(c["valid"] for c in curves.values()):
         print("\n".join(side_by_side(curves)))
     finals = {k: c["valid"][-1] for k, c in curves.items() if c["valid"]}

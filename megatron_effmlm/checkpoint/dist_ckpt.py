@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_effmlm.atomic import write_text
 from megatron_effmlm.checkpoint.lifeline import die_with_parent
 from megatron_effmlm.model.builder import unwrap
 
@@ -148,19 +149,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+        write_text(os.path.join(root, TRACKER), f"{iteration}\n", fsync=True)
         _fsync_dir(root)
     dist.barrier()
     return final
-
-
-def _write_atomic(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from xml.etree import ElementTree
 
+from megatron_effmlm.atomic import write_text
 from megatron_effmlm.data.demo_corpus import GENSIM_VERSION
 from megatron_effmlm.data.errors import DataError
 
@@ -446,13 +447,6 @@ class SourceStats:
     dropped_short: int = 0
 
 
-def _write_atomic(path: str, data: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 OUTPUT_FILES = ("train.jsonl", "valid.jsonl", "manifest.json")
 
 
@@ -527,14 +521,14 @@ def build_corpus(output_dir: str, cache_dir: str, sources=SOURCES, valid_fractio
             raise DataError("no source could be built; nothing written")
         os.makedirs(os.path.join(output_dir, "licenses"), exist_ok=True)
         for name, text in licenses.items():
-            _write_atomic(os.path.join(output_dir, "licenses", f"{name}.txt"), text)
+            write_text(os.path.join(output_dir, "licenses", f"{name}.txt"), text)
         for split in tmps:
             os.replace(tmps[split], paths[split])
     finally:
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
-    _write_atomic(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_text(os.path.join(output_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 

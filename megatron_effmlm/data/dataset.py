@@ -37,6 +37,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_effmlm.atomic import atomic_path, write_text
 from megatron_effmlm.data.errors import DataError
 from megatron_effmlm.data.indexed import check_data_tokenizer, check_indexed_dataset, check_token_ids, open_indexed_dataset
 from megatron_effmlm.data.masking import MaskingSpec, mask_tokens, sample_rng
@@ -142,9 +143,8 @@ def build_packed_sample_index(
 
 
 def _save_npy(path: str, array: numpy.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    numpy.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)  # readers on other ranks never see half a file
+    with atomic_path(path, suffix=".npy") as tmp:  # readers on other ranks never see half a file
+        numpy.save(tmp, array, allow_pickle=False)
 
 
 class PackedMLMDataset(MegatronDataset):
@@ -216,9 +216,7 @@ class PackedMLMDataset(MegatronDataset):
         )
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             os.makedirs(cache, exist_ok=True)
-            with open(description + f".tmp{os.getpid()}", "w") as f:
-                f.write(self.unique_description)
-            os.replace(description + f".tmp{os.getpid()}", description)
+            write_text(description, self.unique_description)
             _save_npy(paths["sample_index"], sample_index)
             _save_npy(paths["shuffle_index"], shuffle_index)
         return sample_index, shuffle_index

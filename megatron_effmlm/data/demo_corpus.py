@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 
+from megatron_effmlm.atomic import write_bytes
 from megatron_effmlm.data.errors import DataError, run_cli
 
 GENSIM_VERSION = "4.4.0"
@@ -61,10 +62,7 @@ def get_demo_dump(data_dir: str = "data") -> str:
             payload = zf.read(DUMP_MEMBER)
     except (zipfile.BadZipFile, KeyError) as err:
         raise DataError(f"{wheel}: no usable {DUMP_MEMBER} in it ({err}); delete it and retry") from err
-    tmp = f"{dump_path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, dump_path)
+    write_bytes(dump_path, payload)
     os.remove(wheel)  # 28 MB of which we need the 1.7 MB dump
     return dump_path
 

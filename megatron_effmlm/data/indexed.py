@@ -11,6 +11,7 @@ import numpy
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
+from megatron_effmlm.atomic import write_json
 from megatron_effmlm.data.errors import DataError
 
 
@@ -101,10 +102,7 @@ def tokenizer_record(tokenizer) -> dict:
 
 
 def write_tokenizer_record(prefix: str, tokenizer) -> None:
-    path = prefix + TOKENIZER_SIDECAR
-    with open(path + ".tmp", "w") as f:
-        json.dump(tokenizer_record(tokenizer), f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(prefix + TOKENIZER_SIDECAR, tokenizer_record(tokenizer))
 
 
 def check_data_tokenizer(prefix: str, tokenizer) -> None:

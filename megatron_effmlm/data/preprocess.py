@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
+from megatron_effmlm.atomic import write_json
 from megatron_effmlm.data.errors import DataError
 from megatron_effmlm.data.jsonl import check_input_files, parse_json_line
 
@@ -118,10 +119,7 @@ def train_punkt(
         "params": _punkt_params_to_json(trainer.get_params()),
     }
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = f"{cache_path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, cache_path)
+    write_json(cache_path, data, indent=None)
     print(f"sentence splitter: Punkt trained in {time.time() - start:.1f} s", file=sys.stderr)
     return cache_path
 

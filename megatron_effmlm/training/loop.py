@@ -8,7 +8,6 @@ its optimizer and LR scheduler.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
 
+from megatron_effmlm.atomic import write_json
 from megatron_effmlm.checkpoint import dist_ckpt
 from megatron_effmlm.checkpoint.run_info import run_info
 from megatron_effmlm.config import ConfigError, RunConfig, check_layout
@@ -413,10 +413,7 @@ class Trainer:
             "skipped_iterations": self.skipped_iters, "exit_code": self.exit_code,
         }
         os.makedirs(os.path.dirname(os.path.abspath(t.summary_json)), exist_ok=True)
-        tmp = f"{t.summary_json}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, t.summary_json)
+        write_json(t.summary_json, summary)
 
     def _train_loop(self, t, progress, it, stop, valid_ds, window_t, window_tokens, window_flops):
         if t.train_flops_budget and self.train_flops >= t.train_flops_budget:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from megatron_effmlm.atomic import save_figure, write_json
 
 
 def _hms(seconds: float) -> str:
@@ -80,13 +81,8 @@ class Progress:
         ax.legend()
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-        fig.savefig(png_path + ".tmp.png", dpi=110)
-        os.replace(png_path + ".tmp.png", png_path)
-        plt.close(fig)
-        data = os.path.splitext(png_path)[0] + ".json"
-        with open(data + ".tmp", "w") as f:
-            json.dump(self.history, f)
-        os.replace(data + ".tmp", data)
+        save_figure(fig, png_path)
+        write_json(os.path.splitext(png_path)[0] + ".json", self.history, indent=None)
 
     def close(self):
         if self.writer:
