@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     quiet_dependencies()
     from megatron_effmlm.arguments import parse_args
     from megatron_effmlm.config import ConfigError
-    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
+    from megatron_effmlm.checkpoint.errors import CheckpointError
     from megatron_effmlm.data.errors import DataError
     from megatron_effmlm.training.resilience import EXIT_BAD_INPUT, EXIT_NON_FINITE, NonFiniteError, StopRequests
 
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         # Before anything slow: SIGTERM/SIGUSR1 then mean "save and exit 75", never a kill.
         stop = StopRequests(cfg.train.exit_signal_handler, cfg.train.exit_duration_in_mins)
+        from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+        EffMLMTokenizer.from_dir(cfg.data.tokenizer_dir)  # a bad --tokenizer-dir fails here, before the slow imports
         from megatron_effmlm.training.loop import Trainer
 
         trainer = Trainer(cfg, stop=stop)

@@ -22,7 +22,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megatron_effmlm.atomic import write_json  # noqa: E402
-from megatron_effmlm.cli import HelpFormatter  # noqa: E402  (--help shows the defaults)
+from megatron_effmlm.cli import HelpFormatter, no_such_dir  # noqa: E402  (--help shows the defaults)
 
 
 def main(argv=None):
@@ -43,19 +43,21 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
-    from megatron_effmlm.checkpoint.dist_ckpt import CheckpointError
+    from megatron_effmlm.checkpoint.errors import CheckpointError
     from megatron_effmlm.data.errors import DataError
     from megatron_effmlm.data.tokenizer import EffMLMTokenizer
+
+    # The flags' own checks before the imports below (megatron-core: seconds).
+    if a.num_sequences < 1 or a.batch_size < 1:
+        raise DataError(f"--num-sequences {a.num_sequences} and --batch-size {a.batch_size} must be positive")
+    for c in a.checkpoint:
+        if no_such_dir("--checkpoint", c):
+            raise DataError(no_such_dir("--checkpoint", c))
+    tok = EffMLMTokenizer.from_dir(a.tokenizer_dir)
     from megatron_effmlm.eval.heldout import build_heldout, evaluate_checkpoint, unigram_counts
     from megatron_effmlm.hf.convert import ConversionError
     from megatron_effmlm.parallel.init import destroy
 
-    if a.num_sequences < 1 or a.batch_size < 1:
-        raise DataError(f"--num-sequences {a.num_sequences} and --batch-size {a.batch_size} must be positive")
-    for c in a.checkpoint:
-        if not os.path.isdir(c):
-            raise DataError(f"--checkpoint {c}: no such directory")
-    tok = EffMLMTokenizer.from_dir(a.tokenizer_dir)
     counts = unigram_counts(a.unigram_data, tok.vocab_size) if a.unigram_data else None
     heldout = build_heldout(a.data, tok, a.seq_length, a.num_sequences, a.mask_prob, a.seed)
     results = []

@@ -13,7 +13,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+    from megatron_effmlm.cli import HelpFormatter, no_such_dir  # --help shows the defaults
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a --save folder (its latest iteration) or one iter_* folder")
@@ -22,6 +22,9 @@ def main(argv=None) -> int:
                    help="transformers class (default: the checkpoint's --model-arch)")
     p.add_argument("--tokenizer-dir", default=None, help="default: the tokenizer the checkpoint was trained with")
     a = p.parse_args(argv)
+    if no_such_dir("--checkpoint", a.checkpoint):  # before the imports below (seconds)
+        print(f"error: {no_such_dir('--checkpoint', a.checkpoint)}", file=sys.stderr)
+        return 2
     import logging
 
     from megatron_effmlm.cli import quiet_dependencies

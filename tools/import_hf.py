@@ -13,7 +13,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megatron_effmlm.cli import HelpFormatter  # --help shows the defaults
+    from megatron_effmlm.cli import HelpFormatter, no_such_dir  # --help shows the defaults
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--hf-dir", required=True, help="folder with config.json, weights and the tokenizer")
@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tensor-model-parallel-size", type=int, default=8,
                    help="pad the vocabulary so that every TP size up to this loads the checkpoint")
     a = p.parse_args(argv)
+    if no_such_dir("--hf-dir", a.hf_dir):  # before the imports below (seconds)
+        print(f"error: {no_such_dir('--hf-dir', a.hf_dir)}", file=sys.stderr)
+        return 2
     import logging
 
     from megatron_effmlm.cli import quiet_dependencies

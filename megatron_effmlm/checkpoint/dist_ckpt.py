@@ -32,7 +32,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_effmlm.atomic import write_text
+from megatron_effmlm.checkpoint.errors import CheckpointError  # noqa: F401  (raised here; importers take it from here too)
 from megatron_effmlm.checkpoint.lifeline import die_with_parent
+from megatron_effmlm.cli import no_such_dir
 from megatron_effmlm.model.builder import unwrap
 
 logger = logging.getLogger(__name__)
@@ -40,10 +42,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # What reading a torn or corrupt checkpoint raises; torch DCP's CheckpointException (it
 # gathers every rank's failure) is a BaseException.
 _READ_ERRORS = (Exception, CheckpointException)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -181,7 +179,7 @@ def find_candidates(root: str):
     """Checkpoint directories to try under `root`, best first: the one the tracker names,
     then every older `iter_*` directory. [] when `root` holds no checkpoint (a fresh start)."""
     if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
+        raise CheckpointError(no_such_dir("--load", root))
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         if dist_checkpointing.check_is_distributed_checkpoint(root):

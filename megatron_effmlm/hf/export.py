@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from megatron_effmlm.cli import no_such_dir
 from megatron_effmlm.hf.convert import TARGETS, ConversionError, check_exportable, hf_config, to_hf
 
 VERIFY_TEXT = [
@@ -81,7 +82,7 @@ def find_checkpoint(root: str):
     from megatron_effmlm.checkpoint import dist_ckpt
 
     if not os.path.isdir(root):
-        raise ExportError(f"--checkpoint {root}: no such directory")
+        raise ExportError(no_such_dir("--checkpoint", root))
     try:
         candidates = dist_ckpt.find_candidates(root)
     except dist_ckpt.CheckpointError as e:

@@ -15,6 +15,7 @@ import os
 import shutil
 from typing import Optional
 
+from megatron_effmlm.cli import no_such_dir
 from megatron_effmlm.hf.convert import TARGETS, ConversionError, from_hf
 
 
@@ -31,7 +32,7 @@ def read_hf_config(folder: str):
     import transformers
 
     if not os.path.isdir(folder):
-        raise HFImportError(f"--hf-dir {folder}: no such directory")
+        raise HFImportError(no_such_dir("--hf-dir", folder))
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise HFImportError(f"--hf-dir {folder} is not a Hugging Face model folder: no config.json")
     cfg = transformers.AutoConfig.from_pretrained(folder)

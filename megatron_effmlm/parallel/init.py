@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -103,7 +104,8 @@ def destroy_model_parallel():
 
 
 def destroy():
-    destroy_model_parallel()
+    if "megatron.core.parallel_state" in sys.modules:  # else nothing to tear down, and no 6 s import
+        destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
