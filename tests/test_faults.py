@@ -291,3 +291,30 @@ def test_a_stopped_rank_ends_the_others_after_the_distributed_timeout(tmp_path, 
     _assert_one_lost_rank_error(text)
     assert 10 < took < 60, took
     print(f"live rank exited {took:.1f} s after its peer was stopped")
+
+
+def test_the_checkpoint_writers_queue_survives_the_stop_signals():
+    """Slurm signals every process of a step and torchrun's shutdown is a killpg, so a stop signal
+    also reaches dist_checkpointing's results-queue server; killed by it, the save the signal asks
+    for failed with EOFError (seen on CI: a preempted Slurm job). It must ignore them, and still
+    die with the trainer."""
+    code = (
+        "import os, signal, time\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async as fa\n"
+        "from megatron_effmlm.checkpoint import dist_ckpt\n"
+        "dist_ckpt._guard_writer_processes()\n"
+        "server = fa._effmlm_manager._process.pid\n"
+        "for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):\n"
+        "    os.kill(server, sig)\n"
+        "time.sleep(1)\n"
+        "fa._results_queue.put('answered')\n"
+        "print(fa._results_queue.get(timeout=10), server, flush=True)\n"
+        "os._exit(0)\n"  # like a SIGKILLed trainer: no finalizer stops the server
+    )
+    r = subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[0] == "answered", r.stderr[-3000:]
+    server = int(r.stdout.split()[1])
+    deadline = time.time() + 10
+    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the queue server outlived the trainer"
+        time.sleep(0.05)

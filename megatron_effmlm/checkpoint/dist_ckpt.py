@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_effmlm.atomic import write_text
 from megatron_effmlm.checkpoint.errors import CheckpointError  # noqa: F401  (raised here; importers take it from here too)
-from megatron_effmlm.checkpoint.lifeline import die_with_parent
+from megatron_effmlm.checkpoint.lifeline import die_with_parent, serve_for_parent
 from megatron_effmlm.cli import no_such_dir
 from megatron_effmlm.model.builder import unwrap
 
@@ -118,7 +118,7 @@ def _guard_writer_processes():
                         after_in_child=lambda: die_with_parent(forking["pid"]))
     if getattr(filesystem_async, "_results_queue", None) is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=serve_for_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
         filesystem_async._effmlm_manager = manager  # keep it referenced: its finalizer stops the server
 
