@@ -51,8 +51,8 @@ def main(argv=None):
     if a.num_sequences < 1 or a.batch_size < 1:
         raise DataError(f"--num-sequences {a.num_sequences} and --batch-size {a.batch_size} must be positive")
     for c in a.checkpoint:
-        if no_such_dir("--checkpoint", c):
-            raise DataError(no_such_dir("--checkpoint", c))
+        if missing := no_such_dir("--checkpoint", c):
+            raise DataError(missing)
     tok = EffMLMTokenizer.from_dir(a.tokenizer_dir)
     from megatron_effmlm.eval.heldout import build_heldout, evaluate_checkpoint, unigram_counts
     from megatron_effmlm.hf.convert import ConversionError

@@ -22,8 +22,8 @@ def main(argv=None) -> int:
                    help="transformers class (default: the checkpoint's --model-arch)")
     p.add_argument("--tokenizer-dir", default=None, help="default: the tokenizer the checkpoint was trained with")
     a = p.parse_args(argv)
-    if no_such_dir("--checkpoint", a.checkpoint):  # before the imports below (seconds)
-        print(f"error: {no_such_dir('--checkpoint', a.checkpoint)}", file=sys.stderr)
+    if missing := no_such_dir("--checkpoint", a.checkpoint):  # before the imports below (seconds)
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     import logging
 

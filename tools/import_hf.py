@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tensor-model-parallel-size", type=int, default=8,
                    help="pad the vocabulary so that every TP size up to this loads the checkpoint")
     a = p.parse_args(argv)
-    if no_such_dir("--hf-dir", a.hf_dir):  # before the imports below (seconds)
-        print(f"error: {no_such_dir('--hf-dir', a.hf_dir)}", file=sys.stderr)
+    if missing := no_such_dir("--hf-dir", a.hf_dir):  # before the imports below (seconds)
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     import logging
 

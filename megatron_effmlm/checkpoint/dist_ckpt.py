@@ -178,8 +178,8 @@ def _is_complete(path: str) -> bool:
 def find_candidates(root: str):
     """Checkpoint directories to try under `root`, best first: the one the tracker names,
     then every older `iter_*` directory. [] when `root` holds no checkpoint (a fresh start)."""
-    if not os.path.isdir(root):
-        raise CheckpointError(no_such_dir("--load", root))
+    if missing := no_such_dir("--load", root):
+        raise CheckpointError(missing)
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         if dist_checkpointing.check_is_distributed_checkpoint(root):

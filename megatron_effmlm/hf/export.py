@@ -81,8 +81,8 @@ def find_checkpoint(root: str):
 
     from megatron_effmlm.checkpoint import dist_ckpt
 
-    if not os.path.isdir(root):
-        raise ExportError(no_such_dir("--checkpoint", root))
+    if missing := no_such_dir("--checkpoint", root):
+        raise ExportError(missing)
     try:
         candidates = dist_ckpt.find_candidates(root)
     except dist_ckpt.CheckpointError as e:

@@ -31,8 +31,8 @@ _TYPE_TO_TARGET = {v[0]: k for k, v in TARGETS.items()}
 def read_hf_config(folder: str):
     import transformers
 
-    if not os.path.isdir(folder):
-        raise HFImportError(no_such_dir("--hf-dir", folder))
+    if missing := no_such_dir("--hf-dir", folder):
+        raise HFImportError(missing)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise HFImportError(f"--hf-dir {folder} is not a Hugging Face model folder: no config.json")
     cfg = transformers.AutoConfig.from_pretrained(folder)
